@@ -1,0 +1,209 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dawn import DawnError
+from dawn.adapters.pbnet import config_from_reference, from_reference, load_official_pbnet, to_reference
+from dawn.checkpoint import load_model, save_model
+from dawn.models.pbnet import (
+    POSE_MAX,
+    POSE_MIN,
+    PatchDiscriminator1d,
+    PatchDiscriminatorConfig,
+    PBNet,
+    PBNetConfig,
+    to_model_units,
+    to_raw_units,
+)
+
+
+def load_vector(reference_dir, name):
+    tensors = load_file(str(reference_dir / "vectors" / f"{name}.safetensors"))
+    meta = json.loads((reference_dir / "vectors" / f"{name}.json").read_text())
+    weights = {k: v for k, v in tensors.items() if not k.startswith(("input.", "output."))}
+    return tensors, weights, meta["tolerance"]["recommended_atol_float32"]
+
+
+def max_err(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("kind,learnable", [("pose", 2_347_018), ("blink", 2_231_046)])
+def test_state_dict_maps_one_to_one_to_manifest(reference_dir, kind, learnable):
+    manifest = json.loads((reference_dir / f"manifest_pbnet_{kind}.json").read_text())
+    model = PBNet(PBNetConfig.preset(kind))
+    ref = to_reference(model.state_dict())
+    assert {k: list(v.shape) for k, v in ref.items()} == {k: shape for k, shape, _, _ in manifest["entries"]}
+    assert sum(v.numel() for v in ref.values()) == manifest["state_dict_numel"]
+    trainable = sum(p.numel() for p in model.parameters())
+    assert trainable == manifest["num_params_trainable"]
+    # The reference counts its two (non-trainable) rotary frequency tensors as parameters, once each.
+    assert trainable + 2 * len(model.config.rotary_freqs) == manifest["num_params"] == learnable
+    # Our own checkpoints carry no positional tables: the state dict is the reference minus the two pe.
+    assert sum(v.numel() for v in model.state_dict().values()) == manifest["state_dict_param_numel"]
+    back = from_reference(ref)
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    assert PBNetConfig.preset("hdtf256", kind=kind) == PBNetConfig.preset(kind) == config_from_reference(ref)
+
+
+def test_from_reference_is_strict(reference_dir):
+    _, weights, _ = load_vector(reference_dir, "pbnet_small")
+    missing = {k: v for k, v in weights.items() if k != "decoder.init_proj.bias"}
+    with pytest.raises(DawnError, match="decoder.query_init.bias"):
+        from_reference(missing)
+    with pytest.raises(DawnError, match="decoder.extra"):
+        from_reference({**weights, "decoder.extra.weight": torch.zeros(1)})
+    bad_pe = {**weights, "encoder.sequence_pos_encoder.pe": torch.zeros(20000, 1, 64)}
+    with pytest.raises(DawnError, match="sinusoidal"):
+        from_reference(bad_pe)
+    with pytest.raises(DawnError, match="expected a blink"):
+        config_from_reference(weights, kind="blink")
+
+
+@pytest.mark.parametrize("name,raw_key", [("pbnet_small", "pose_raw"), ("pbnet_small_blink", "blink_raw")])
+def test_reference_vectors(reference_dir, name, raw_key):
+    t, weights, tol = load_vector(reference_dir, name)
+    config = config_from_reference(weights)
+    assert config == PBNetConfig.preset(f"tiny-{config.kind}")
+    model = PBNet(config)
+    model.load_state_dict(from_reference(weights))
+    model.eval()
+    x, audio, mask = t["input.x"], t["input.audio"], t["input.mask"]
+    z = t["input.z"].transpose(0, 1)  # reference latents are (T, B, A)
+    with torch.no_grad():
+        mu, logvar = model.encode(x, audio, mask)
+        delta = model.decode(x[:, 0], z, audio, mask)
+        raw = model.generate(model.to_raw_units(x[:, 0]), audio, z=z)  # vector x is in model units
+    assert max_err(mu.transpose(0, 1), t["output.encoder.mu"]) <= tol["encoder.mu"]
+    assert max_err(logvar.transpose(0, 1), t["output.encoder.logvar"]) <= tol["encoder.logvar"]
+    assert max_err(delta, t["output.decoder.output"]) <= tol["decoder.output"]
+    assert max_err(raw, t[f"output.pipeline.{raw_key}"]) <= tol[f"pipeline.{raw_key}"]
+
+
+def test_reference_long_decoder_with_eval_window(reference_dir):
+    t, weights, tol = load_vector(reference_dir, "pbnet_small")
+    model = PBNet(config_from_reference(weights))
+    model.load_state_dict(from_reference(weights))
+    model.eval()
+    n = t["input.long_z"].shape[0]
+    assert n == 206 and model.config.inference_window == 200
+    audio = t["input.audio"][:1].repeat(1, math.ceil(n / t["input.x"].shape[1]), 1)[:, :n]
+    x0, z = t["input.long_x0"][:, 0], t["input.long_z"].transpose(0, 1)
+    with torch.no_grad():
+        windowed = model.decode(x0, z, audio)  # eval mode: window 200 active
+        unmasked = model.decode(x0, z, audio, window=None)
+    want, want_unmasked = t["output.decoder_long.output"], t["output.decoder_long.output_without_window_mask"]
+    assert max_err(windowed, want) <= tol["decoder_long.output"]
+    assert max_err(unmasked, want_unmasked) <= tol["decoder_long.output_without_window_mask"]
+    assert max_err(want, want_unmasked) > 100 * tol["decoder_long.output"]  # the window changes the result
+
+
+def tiny_model(kind="pose", **overrides) -> PBNet:
+    torch.manual_seed(0)
+    config = PBNetConfig.preset(f"tiny-{kind}")
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return PBNet(config)
+
+
+def test_windowed_decoder_equals_masked_full_attention():
+    blocked = tiny_model(dropout=0.0).eval()  # block = window: the sliding-window path
+    full = tiny_model(dropout=0.0, attention_block=10_000).eval()  # one block: masked full attention
+    full.load_state_dict(blocked.state_dict())
+    g = torch.Generator().manual_seed(1)
+    t, window = 70, 6
+    x0, z = torch.rand(2, 6, generator=g), torch.randn(2, t, 32, generator=g)
+    audio = torch.randn(2, t, 1024, generator=g)
+    with torch.no_grad():
+        a, b = blocked.decode(x0, z, audio, window=window), full.decode(x0, z, audio, window=window)
+        unwindowed = full.decode(x0, z, audio, window=None)
+    assert max_err(a, b) < 1e-5
+    assert max_err(a, unwindowed) > 1e-3
+    # Train mode: no window at all, like the reference (dropout is 0 here, so the pass is deterministic).
+    full.config.inference_window = window
+    assert max_err(full.decode(x0, z, audio), b) < 1e-6
+    full.train()
+    assert max_err(full.decode(x0, z, audio), unwindowed) < 1e-6
+
+
+def test_generate_denormalisation_round_trip():
+    raw = torch.tensor([[-30.0, 12.5, 80.0, 4.8e-4, 56.5, 64.9], [0.0, -89.0, 5.0, 0.9, 700.0, 10.0]])
+    units = to_model_units(raw, "pose")
+    assert torch.allclose(units[0, :3], (raw[0, :3] + 90) / 180)
+    assert torch.allclose(units[:, 5], raw[:, 5] / 1080)
+    assert torch.allclose(to_raw_units(units, "pose"), raw, atol=1e-4)
+    assert torch.equal(to_model_units(raw[:, :2], "blink"), raw[:, :2])
+    lo, hi = torch.tensor(POSE_MIN), torch.tensor(POSE_MAX)
+    assert torch.allclose(to_model_units(lo, "pose"), torch.zeros(6))
+    assert torch.allclose(to_model_units(hi, "pose"), torch.ones(6))
+
+    audio = torch.randn(2, 40, 1024)
+    for kind, source in (("pose", raw), ("blink", torch.tensor([[0.3, 0.28], [0.1, 0.2]]))):
+        model = tiny_model(kind).eval()
+        with torch.no_grad():  # a decoder that predicts zero deltas: the source state, repeated, in raw units
+            model.decoder.out_proj.weight.zero_()
+            model.decoder.out_proj.bias.zero_()
+        out = model.generate(source, audio, generator=torch.Generator().manual_seed(3))
+        assert out.shape == (2, 40, source.shape[1])
+        assert torch.allclose(out, source[:, None].expand_as(out), rtol=1e-5, atol=1e-4)
+
+    model = tiny_model("pose").eval()
+    first = model.generate(raw, audio, generator=torch.Generator().manual_seed(3))
+    again = model.generate(raw, audio, generator=torch.Generator().manual_seed(3))
+    other = model.generate(raw, audio, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(first, again) and max_err(first, other) > 1e-3
+
+
+def test_discriminator_output_shape_and_gradients():
+    disc = PatchDiscriminator1d(PatchDiscriminatorConfig.preset("pose"))
+    delta, source = torch.randn(3, 200, 6, requires_grad=True), torch.rand(3, 6)
+    logits = disc(delta, source)
+    assert logits.shape == (3, 23)  # 200 -> 100 -> 50 -> 25 (stride 2) -> 24 -> 23 (k4 s1 p1)
+    logits.mean().backward()
+    assert torch.isfinite(delta.grad).all() and delta.grad.abs().sum() > 0
+    tiny = PatchDiscriminator1d(PatchDiscriminatorConfig.preset("tiny-blink"))
+    assert tiny(torch.randn(2, 64, 2), torch.rand(2, 2)).shape == (2, 14)  # 64 -> 32 -> 16 -> 15 -> 14
+    assert PatchDiscriminatorConfig.preset("hdtf128", kind="blink").state_dim == 2
+
+
+def test_tiny_forward_backward_is_finite():
+    model = tiny_model("pose").train()
+    g = torch.Generator().manual_seed(2)
+    lo, hi = torch.tensor(POSE_MIN), torch.tensor(POSE_MAX)
+    x = lo + torch.rand(2, 24, 6, generator=g) * (hi - lo)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[1, 20:] = False
+    out = model({"x": x, "audio": torch.randn(2, 24, 1024, generator=g), "mask": mask})
+    assert out["delta"].shape == out["target_delta"].shape == (2, 24, 6)
+    assert out["mu"].shape == out["logvar"].shape == out["z"].shape == (2, 24, 32)
+    assert torch.allclose(out["source"], to_model_units(x[:, 0], "pose"))
+    assert (out["delta"][1, 20:] == 0).all()
+    kl = -0.5 * (1 + out["logvar"] - out["mu"] ** 2 - out["logvar"].exp()).mean()
+    loss = ((out["delta"] - out["target_delta"]) ** 2).mean() + 0.01 * kl
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.decoder.layers[0].cross_attn.to_k.weight.grad.abs().sum() > 0
+
+
+def test_official_checkpoint_and_dawn_checkpoint_round_trip(tmp_path):
+    model = tiny_model("blink").eval()
+    path = tmp_path / "checkpoint_0100.pth.tar"
+    torch.save(to_reference(model.state_dict()), path)
+    loaded = load_official_pbnet(path, "blink")
+    assert not loaded.training and loaded.config == model.config
+    with pytest.raises(DawnError, match="expected a pose"):
+        load_official_pbnet(path, "pose")
+    with pytest.raises(DawnError, match="not found"):
+        load_official_pbnet(tmp_path / "missing.pth.tar", "pose")
+
+    save_model(model, tmp_path / "ckpt", "pbnet_blink")
+    assert not any("pe" in k.split(".") for k in load_file(str(tmp_path / "ckpt" / "pbnet_blink.safetensors")))
+    restored = load_model(tmp_path / "ckpt", "pbnet_blink")
+    source, audio = torch.tensor([[0.3, 0.25]]), torch.randn(1, 30, 1024)
+    outs = [m.generate(source, audio, generator=torch.Generator().manual_seed(5)) for m in (model, loaded, restored)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
