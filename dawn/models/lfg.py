@@ -72,6 +72,11 @@ class LFGConfig:
     def latent_size(self) -> int:
         return self.image_size // 2**self.generator_down_blocks
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the source latent z_src (256 at hdtf; A2V-FDM's `source_channels` must match)."""
+        return min(self.generator_max_channels, self.generator_channels * 2**self.generator_down_blocks)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Building blocks (§2.1). Every norm is BatchNorm2d (the reference's SyncBatchNorm computes the same).

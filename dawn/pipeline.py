@@ -1,0 +1,309 @@
+"""The render pipeline (paper §3.6): portrait + speech -> talking-head frames, all frames in one pass.
+
+Stages, each a method with array/tensor inputs and outputs so that a stage can run in another process
+(a Serve replica, a Ray Data actor):
+
+    analyze_portrait(image)        face crop, source pose/eyes, face box          (features, CPU)
+    audio_features(waveform)       HuBERT at 25 fps                               (features, CPU)
+    sample_motion(...)             pose + blink sequences from PBNet (seeded)     (PBNet)
+    motion_from_video(frames)      ... or taken from a driving video (A.4.1)
+    sample_flows(...)              flow + occlusion for every frame, one DDIM pass (A2V-FDM)
+    decode_frames(...)             frames from the source and the flows, batched   (LFG)
+
+`render_files` strings them together for the CLI; the Serve app and the batch job call the stages.
+A `RenderPipeline` may hold only the models of the stages it runs (e.g. a PBNet replica holds PBNet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dawn import DawnError
+
+Progress = Callable[[int, int], None]
+
+SAMPLERS = ("ddim", "dpm-solver++")
+
+
+@dataclass
+class RenderOptions:
+    steps: int = 20
+    eta: float = 1.0
+    seed: int = 0
+    sampler: str = "ddim"  # "ddim" (the reference's) or "dpm-solver++" (faster, off by default)
+    crop: str = "face"  # "face": crop/align around the face; "none": resize the whole image (reference)
+    decode_batch: int = 32
+    cond_scale: float = 1.0
+
+
+@dataclass
+class Portrait:
+    """The source frame and its state, measured on the cropped image the models see."""
+
+    image: np.ndarray  # (S, S, 3) uint8 RGB
+    pose: np.ndarray  # (6,) yaw, pitch, roll (deg), scale, tx, ty
+    eyes: np.ndarray  # (2,) left, right eye ratios
+    face_box: np.ndarray  # (6,) [x_min, x_max, y_min, y_max, H, W]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Motion:
+    pose: np.ndarray  # (T, 6) absolute, raw units
+    eyes: np.ndarray  # (T, 2) absolute eye ratios
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class RenderPipeline:
+    """Holds the networks (any subset) and runs the render stages on one device."""
+
+    def __init__(self, lfg=None, a2v=None, pbnet_pose=None, pbnet_blink=None, hubert=None,
+                 device: str = "cpu", dtype: str = "fp32"):
+        if dtype not in DTYPES:
+            raise DawnError(f"unknown dtype {dtype!r} (use one of {sorted(DTYPES)})")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise DawnError("--device cuda was asked for but no CUDA device is available")
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.lfg, self.a2v, self.pbnet_pose, self.pbnet_blink = (
+            m.to(self.device).eval() if m is not None else None for m in (lfg, a2v, pbnet_pose, pbnet_blink))
+        self.hubert = hubert
+        if lfg is not None and a2v is not None:
+            _check_compatible(lfg, a2v)
+
+    # ---- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoints(cls, directory: str | Path, hubert_dir: str | Path | None = None,
+                         stages: tuple[str, ...] = ("features", "pbnet", "a2v"), device: str = "cpu",
+                         dtype: str = "fp32") -> "RenderPipeline":
+        """Load a dawn checkpoint directory (see dawn.checkpoint); `stages` picks which models to load."""
+        from dawn.checkpoint import load_model
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise DawnError(f"checkpoint directory not found: {directory}")
+        models = {}
+        if "a2v" in stages:
+            models["lfg"] = load_model(directory, "lfg")
+            models["a2v"] = load_model(directory, "a2v")
+        if "pbnet" in stages:
+            models["pbnet_pose"] = load_model(directory, "pbnet_pose")
+            models["pbnet_blink"] = load_model(directory, "pbnet_blink")
+        if "features" in stages:
+            models["hubert"] = _load_hubert(hubert_dir or directory / "hubert", device)
+        return cls(**models, device=device, dtype=dtype)
+
+    @classmethod
+    def from_official(cls, lfg: str | Path, a2v: str | Path, pbnet_pose: str | Path, pbnet_blink: str | Path,
+                      hubert_dir: str | Path, device: str = "cpu", dtype: str = "fp32") -> "RenderPipeline":
+        """Load the officially released DAWN files through the state-dict adapters."""
+        from dawn.adapters.a2v import load_official_a2v
+        from dawn.adapters.lfg import load_official_lfg
+        from dawn.adapters.pbnet import load_official_pbnet
+
+        return cls(lfg=load_official_lfg(lfg), a2v=load_official_a2v(a2v),
+                   pbnet_pose=load_official_pbnet(pbnet_pose, "pose"),
+                   pbnet_blink=load_official_pbnet(pbnet_blink, "blink"),
+                   hubert=_load_hubert(hubert_dir, device), device=device, dtype=dtype)
+
+    @property
+    def resolution(self) -> int:
+        if self.lfg is None:
+            raise RuntimeError("this pipeline holds no LFG")
+        return self.lfg.config.image_size
+
+    # ---- stage 1: features -----------------------------------------------------------------------
+    def analyze_portrait(self, image: np.ndarray, crop: str = "face", resolution: int | None = None,
+                         name: str = "portrait") -> Portrait:
+        from dawn.face import analyze_portrait
+
+        size = resolution or self.resolution
+        analysis = analyze_portrait(image, size=size, crop=crop, name=name)
+        return Portrait(image=analysis.image, pose=np.asarray(analysis.pose, np.float32),
+                        eyes=np.asarray(analysis.eyes, np.float32),
+                        face_box=np.asarray(analysis.face_box, np.float32), notes=list(analysis.notes))
+
+    def audio_features(self, waveform: np.ndarray) -> np.ndarray:
+        """16 kHz mono float32 (N,) -> HuBERT features (T, 1024) at 25 fps, T = int(N / 16000 * 25)."""
+        if self.hubert is None:
+            raise RuntimeError("this pipeline holds no HuBERT model")
+        return self.hubert(waveform)
+
+    # ---- stage 2: pose and blink -----------------------------------------------------------------
+    @torch.no_grad()
+    def sample_motion(self, portrait: Portrait, hubert: np.ndarray, seed: int = 0) -> Motion:
+        """PBNet pose and blink sequences for every frame (paper §3.4), seeded."""
+        audio = torch.as_tensor(hubert, dtype=torch.float32, device=self.device)[None]
+        out = []
+        for k, (model, state) in enumerate(((self.pbnet_pose, portrait.pose), (self.pbnet_blink, portrait.eyes))):
+            generator = torch.Generator(device=self.device).manual_seed(seed * 2 + k)
+            source = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
+            with _autocast(self.device, self.dtype):
+                seq = model.generate(source, audio, generator=generator)
+            out.append(seq[0].float().cpu().numpy())
+        return Motion(pose=out[0], eyes=out[1])
+
+    def motion_from_video(self, frames: np.ndarray, num_frames: int) -> Motion:
+        """Pose and eye ratios measured on every frame of a driving video (paper A.4.1), fitted to
+        `num_frames` (cut, or the last frame held)."""
+        from dawn.face import analyze_video_frames
+
+        analysis = analyze_video_frames(frames)
+        if not analysis["found"].any():
+            raise DawnError("no face found in any frame of the pose video")
+        index = np.minimum(np.arange(num_frames), len(frames) - 1)
+        return Motion(pose=analysis["pose"][index].astype(np.float32), eyes=analysis["eyes"][index].astype(np.float32))
+
+    # ---- stage 3: flows ----------------------------------------------------------------------------
+    def condition(self, portrait: Portrait, hubert: np.ndarray, motion: Motion) -> torch.Tensor:
+        """Per-frame condition (1, T, 1032) = [HuBERT, pose - source pose, eyes - source eyes] (§3.3)."""
+        cond = np.concatenate([hubert, motion.pose - portrait.pose[None], motion.eyes - portrait.eyes[None]], axis=1)
+        return torch.as_tensor(cond, dtype=torch.float32, device=self.device)[None]
+
+    def source_tensor(self, portrait: Portrait) -> torch.Tensor:
+        return torch.as_tensor(portrait.image, device=self.device).permute(2, 0, 1)[None].float() / 255.0
+
+    @torch.no_grad()
+    def sample_flows(self, portrait: Portrait, hubert: np.ndarray, motion: Motion, options: RenderOptions,
+                     progress: Progress | None = None) -> torch.Tensor:
+        """Flow and occlusion for all T frames in one sampling pass: (1, 3, T, L, L), channels
+        (flow x, flow y, 2 * occlusion - 1)."""
+        from dawn.models.diffusion import classifier_free_guidance, ddim_sample, dpm_solver_sample
+
+        if options.sampler not in SAMPLERS:
+            raise DawnError(f"unknown sampler {options.sampler!r} (use one of {SAMPLERS})")
+        cond = self.condition(portrait, hubert, motion)
+        t = cond.shape[1]
+        source = self.source_tensor(portrait)
+        box = torch.as_tensor(portrait.face_box, dtype=torch.float32, device=self.device)[None]
+        with _autocast(self.device, self.dtype):
+            features = self.a2v.source_features(self.lfg.source_latent(source), box)
+            denoise = self.a2v.denoiser(features, cond)
+            if options.cond_scale != 1.0:
+                denoise = classifier_free_guidance(denoise, self.a2v.denoiser(features, torch.zeros_like(cond)),
+                                                   options.cond_scale)
+            latent = self.a2v.config.latent_size
+            shape = (1, 3, t, latent, latent)
+            generator = torch.Generator(device=self.device).manual_seed(options.seed)
+            if options.sampler == "ddim":
+                flows = ddim_sample(self.a2v.schedule, denoise, shape, steps=options.steps, eta=options.eta,
+                                    generator=generator, progress=progress)
+            else:
+                flows = dpm_solver_sample(self.a2v.schedule, denoise, shape, steps=options.steps,
+                                          generator=generator, progress=progress)
+        return flows.float()
+
+    # ---- stage 4: frames ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode_frames(self, portrait: Portrait, flows: torch.Tensor, batch_size: int = 32,
+                      progress: Progress | None = None) -> np.ndarray:
+        """LFG decode: the source encoded once, frames decoded in batches -> (T, S, S, 3) uint8."""
+        source = self.source_tensor(portrait)
+        grids = flows[0, :2].permute(1, 2, 3, 0)  # (T, L, L, 2)
+        occlusion = (flows[0, 2:3].transpose(0, 1) + 1) / 2  # (T, 1, L, L)
+        t, s = grids.shape[0], source.shape[-1]
+        frames = np.empty((t, s, s, 3), dtype=np.uint8)  # uint8 output keeps long videos small
+        with _autocast(self.device, self.dtype):
+            features = self.lfg.encode_source(source)
+            for start in range(0, t, batch_size):
+                stop = min(start + batch_size, t)
+                batch = self.lfg.decode(features, source, grids[start:stop].to(self.device),
+                                        occlusion[start:stop].to(self.device))
+                frames[start:stop] = (batch.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                if progress is not None:
+                    progress(stop, t)
+        return frames
+
+    # ---- everything --------------------------------------------------------------------------------
+    def render_arrays(self, image: np.ndarray, waveform: np.ndarray, options: RenderOptions,
+                      pose_frames: np.ndarray | None = None, progress_bars: bool = False,
+                      name: str = "portrait") -> tuple[np.ndarray, dict]:
+        """All stages on in-memory inputs -> (frames (T,S,S,3) uint8, info dict with timings)."""
+        timings = {}
+        t0 = time.perf_counter()
+        portrait = self.analyze_portrait(image, crop=options.crop, name=name)
+        hubert = self.audio_features(waveform)
+        timings["features_s"] = time.perf_counter() - t0
+        t = hubert.shape[0]
+        t0 = time.perf_counter()
+        motion = (self.motion_from_video(pose_frames, t) if pose_frames is not None
+                  else self.sample_motion(portrait, hubert, seed=options.seed))
+        timings["motion_s"] = time.perf_counter() - t0
+        with _progress_bar(progress_bars, options.steps, "sampling") as bar:
+            t0 = time.perf_counter()
+            flows = self.sample_flows(portrait, hubert, motion, options, progress=bar)
+            timings["sampling_s"] = time.perf_counter() - t0
+        with _progress_bar(progress_bars, t, "decoding") as bar:
+            t0 = time.perf_counter()
+            frames = self.decode_frames(portrait, flows, batch_size=options.decode_batch, progress=bar)
+            timings["decoding_s"] = time.perf_counter() - t0
+        info = {"frames": t, "notes": portrait.notes, "timings": timings, "motion": motion, "portrait": portrait}
+        return frames, info
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int, desc: str):
+    """A tqdm bar driven by progress(done, total) callbacks, or None when disabled."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step" if desc == "sampling" else "frame")
+
+    def update(done: int, total_: int):
+        bar.total = total_
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _check_compatible(lfg, a2v) -> None:
+    s, latent = lfg.config.image_size, a2v.config.latent_size
+    if s != 4 * latent:
+        raise DawnError(f"checkpoints do not fit together: LFG renders {s}x{s} but A2V-FDM expects a "
+                        f"{latent}x{latent} latent ({4 * latent}x{4 * latent} images)")
+
+
+def _load_hubert(directory, device: str):
+    from dawn.audio import HubertFeatureExtractor
+
+    if directory is None:
+        raise DawnError("no HuBERT model directory given (--hubert DIR)")
+    return HubertFeatureExtractor(directory, device=device)
+
+
+def render_files(pipeline: RenderPipeline, portrait_path: str | Path, audio_path: str | Path,
+                 out_path: str | Path, options: RenderOptions, pose_video: str | Path | None = None,
+                 progress_bars: bool = True) -> dict:
+    """Read the inputs, render, and write an H.264 mp4 with the input audio as AAC (atomically)."""
+    from dawn.audio import load_audio
+    from dawn.face import load_image
+    from dawn.video import read_video, write_mp4
+
+    image = load_image(portrait_path)
+    waveform = load_audio(audio_path)
+    pose_frames = read_video(pose_video)[0] if pose_video is not None else None
+    frames, info = pipeline.render_arrays(image, waveform, options, pose_frames=pose_frames,
+                                          progress_bars=progress_bars, name=str(portrait_path))
+    write_mp4(out_path, frames, fps=25, audio=waveform)
+    return info
