@@ -23,8 +23,9 @@ from dawn import DawnError
 
 NUM_LANDMARKS = 478  # 468 mesh points + 2 x 5 iris points (refine_landmarks=True)
 NUM_MESH_POINTS = 468
-MAX_FACES = 5  # faces the detector looks for; with more faces in view, MAX_FACES are reported
-DETECTION_MAX_SIDE = 1024  # larger images are downscaled before detection (mediapipe works at 192 px)
+DETECTION_MAX_SIDE = 1024  # the face detector sees a copy no larger than this
+MESH_INPUT_SIDE = 256  # the face mesh runs on a square crop around the face, resized to at most this
+MESH_CROP_MARGIN = 2.0  # that crop's side / the larger side of the detector's face box
 
 # Crop (HDTF-like framing): box side = CROP_MARGIN x the larger side of the face mesh's extent (forehead to
 # chin, cheek to cheek), so the face fills the central ~55% of the crop; the centre sits CROP_LIFT x the
@@ -107,19 +108,53 @@ def _check_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def detect_face_landmarks(image: np.ndarray) -> FaceLandmarks | None:
-    """Landmarks of the largest face in an RGB uint8 (H, W, 3) image, or None when no face is found."""
-    image = _check_rgb(image)
-    if not hasattr(_local, "static_mesh"):
-        _local.static_mesh = _face_mesh(static_image_mode=True, max_num_faces=MAX_FACES)
-    result = _local.static_mesh.process(image)
-    faces = result.multi_face_landmarks or []
-    if not faces:
-        return None
+def _face_boxes(image: np.ndarray) -> np.ndarray:
+    """Faces found by mediapipe's full-range face detector: (F, 4) [x0, y0, x1, y1] in `image`'s pixels."""
+    import mediapipe as mp
+
+    if not hasattr(_local, "detector"):
+        _local.detector = mp.solutions.face_detection.FaceDetection(model_selection=1,
+                                                                    min_detection_confidence=0.5)
     height, width = image.shape[:2]
-    all_points = [_to_pixels(face, height, width) for face in faces]
-    areas = [np.prod(p[:, :2].max(0) - p[:, :2].min(0)) for p in all_points]
-    return FaceLandmarks(points=all_points[int(np.argmax(areas))], num_faces=len(faces))
+    factor = min(1.0, DETECTION_MAX_SIDE / max(height, width))
+    small = image if factor == 1.0 else cv2.resize(image, (max(1, round(width * factor)),
+                                                           max(1, round(height * factor))),
+                                                   interpolation=cv2.INTER_AREA)
+    boxes = [d.location_data.relative_bounding_box for d in _local.detector.process(small).detections or []]
+    return np.array([[b.xmin * width, b.ymin * height, (b.xmin + b.width) * width, (b.ymin + b.height) * height]
+                     for b in boxes], dtype=np.float32).reshape(-1, 4)
+
+
+def _mesh_points(image: np.ndarray) -> np.ndarray | None:
+    """(478, 3) pixel landmarks of the most prominent face in `image` (static-mode face mesh), or None."""
+    if not hasattr(_local, "static_mesh"):
+        _local.static_mesh = _face_mesh(static_image_mode=True, max_num_faces=1)
+    faces = _local.static_mesh.process(np.ascontiguousarray(image)).multi_face_landmarks
+    return _to_pixels(faces[0], *image.shape[:2]) if faces else None
+
+
+def detect_face_landmarks(image: np.ndarray) -> FaceLandmarks | None:
+    """Landmarks of the largest face in an RGB uint8 (H, W, 3) image, or None when no face is found.
+
+    The full-range face detector finds and counts the faces (any size, any image size); the face mesh then
+    runs on a square crop around the largest one (MESH_CROP_MARGIN x its box, at most MESH_INPUT_SIDE px),
+    which also handles faces too small for the mesh's own short-range detector. When the detector finds
+    nothing, the mesh gets the whole image.
+    """
+    image = _check_rgb(image)
+    boxes = _face_boxes(image)
+    if len(boxes) == 0:
+        points = _mesh_points(image)
+        return None if points is None else FaceLandmarks(points=points, num_faces=1)
+    largest = boxes[np.argmax(np.prod(boxes[:, 2:] - boxes[:, :2], axis=1))]
+    side = max(2, int(round(MESH_CROP_MARGIN * max(largest[2:] - largest[:2]))))
+    x0, y0 = (np.round((largest[:2] + largest[2:]) / 2 - side / 2)).astype(int)
+    work = min(side, MESH_INPUT_SIDE)
+    points = _mesh_points(crop_and_resize(image, (x0, y0, x0 + side, y0 + side), work))
+    if points is None:
+        return None
+    points = points * np.float32(side / work) + np.float32([x0, y0, 0])
+    return FaceLandmarks(points=points.astype(np.float32), num_faces=len(boxes))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,20 +382,6 @@ def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int
 # ----------------------------------------------------------------------------------------------------
 # Portraits and videos
 
-def _detect_scaled(image: np.ndarray) -> FaceLandmarks | None:
-    """detect_face_landmarks on a copy no larger than DETECTION_MAX_SIDE; points in `image`'s pixels."""
-    factor = DETECTION_MAX_SIDE / max(image.shape[:2])
-    if factor >= 1:
-        return detect_face_landmarks(image)
-    small = cv2.resize(image, (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor))),
-                       interpolation=cv2.INTER_AREA)
-    found = detect_face_landmarks(small)
-    if found is not None:
-        found.points = found.points * np.float32([image.shape[1] / small.shape[1], image.shape[0] / small.shape[0],
-                                                  image.shape[1] / small.shape[1]])
-    return found
-
-
 def analyze_portrait(image, size: int, crop: str = "face", name: str | None = None) -> PortraitAnalysis:
     """Prepare a portrait (path, PIL image or array) for rendering and analyse the result.
 
@@ -377,7 +398,7 @@ def analyze_portrait(image, size: int, crop: str = "face", name: str | None = No
     else:
         rgb = to_rgb_uint8(image)
     name = name or "the portrait"
-    found = _detect_scaled(rgb)
+    found = detect_face_landmarks(rgb)
     if found is None:
         raise DawnError(f"no face found in {name}")
     notes = [f"{found.num_faces} faces found, using the largest"] if found.num_faces > 1 else []
