@@ -360,22 +360,17 @@ def crop_box(landmarks: np.ndarray, image_shape, margin: float = CROP_MARGIN) ->
 def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
     """Cut `box` (x0, y0, x1, y1) out of (H, W, 3) or (T, H, W, 3) uint8 frames and resize to size x size.
 
-    Parts of the box outside the image replicate the border pixels. cv2.INTER_AREA, all frames in one
-    cv2 call per 170 frames (frames stacked along the channel axis, cv2's limit is 512 channels).
+    Parts of the box outside the image replicate the border pixels. cv2.INTER_AREA, one cv2 call per
+    frame (cv2's area resampling takes at most 4 channels, so frames cannot be stacked).
     """
     frames = image[None] if image.ndim == 3 else image
     x0, y0, x1, y1 = box
-    num, height, width, channels = frames.shape
+    height, width = frames.shape[1:3]
     pad = ((0, 0), (max(0, -y0), max(0, y1 - height)), (max(0, -x0), max(0, x1 - width)), (0, 0))
     region = frames[:, max(0, y0):min(height, y1), max(0, x0):min(width, x1)]
     if any(before or after for before, after in pad[1:3]):
         region = np.pad(region, pad, mode="edge")
-    stacked = region.transpose(1, 2, 0, 3).reshape(y1 - y0, x1 - x0, num * channels)
-    group = 510 // channels * channels
-    resized = np.concatenate([cv2.resize(np.ascontiguousarray(stacked[:, :, i:i + group]), (size, size),
-                                         interpolation=cv2.INTER_AREA).reshape(size, size, -1)
-                              for i in range(0, num * channels, group)], axis=2)
-    out = resized.reshape(size, size, num, channels).transpose(2, 0, 1, 3)
+    out = np.stack([cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA) for frame in region])
     return np.ascontiguousarray(out[0] if image.ndim == 3 else out)
 
 
