@@ -31,9 +31,7 @@ def iter_shard_rows(shards_dir: str | Path, split: str | None = None, columns: l
     split: "train" / "test" / None (all). columns: array columns to read (default all; e.g. PBNet needs only
     ["pose", "eyes", "hubert"]), the scalar columns are always read. rng: shuffle the order of the videos.
     """
-    files = sorted((Path(shards_dir) / "shards").glob("*.parquet"))
-    if split is not None:
-        files = [f for f in files if split in _video_splits(f)]
+    files = shard_files(shards_dir, split)
     if rng is not None:
         files = [files[i] for i in rng.permutation(len(files))]
     read_columns = None if columns is None else list(SCALAR_COLUMNS) + [c for c in columns if c not in SCALAR_COLUMNS]
@@ -44,8 +42,19 @@ def iter_shard_rows(shards_dir: str | Path, split: str | None = None, columns: l
                     yield decode_row(row)
 
 
-def _video_splits(path: Path) -> set[str]:
-    return set(pq.read_table(path, columns=["split"]).column("split").to_pylist())
+def shard_files(shards_dir: str | Path, split: str | None = None) -> list[Path]:
+    """The shard files of `split` ("train" / "test" / None = all), sorted; each file holds one video.
+
+    The split of each video comes from index.json (or, without one, from the file's `split` column).
+    """
+    files = sorted((Path(shards_dir) / "shards").glob("*.parquet"))
+    if split is None:
+        return files
+    index = Path(shards_dir) / "index.json"
+    if index.is_file():
+        videos = json.loads(index.read_text())["videos"]
+        return [f for f in files if f.stem in videos and videos[f.stem]["split"] == split]
+    return [f for f in files if split in pq.read_table(f, columns=["split"]).column("split").to_pylist()]
 
 
 def decode_rows(rows: Iterable[Mapping]) -> Iterator[dict]:

@@ -94,7 +94,11 @@ def decode_row(row: Mapping) -> dict:
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
-    """Encoded rows -> a pyarrow Table with SCHEMA."""
+    """Encoded rows -> a pyarrow Table with SCHEMA (ValueError when a row lacks a column)."""
+    for row in rows:
+        missing = [name for name in COLUMNS if row.get(name) is None]
+        if missing:
+            raise ValueError(f"row lacks columns {missing}")
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
