@@ -1,0 +1,537 @@
+"""The render service behind the HTTP API, without Ray: limits, upload checks, the job table, the render
+sequence, and `dawn serve`.
+
+The Serve app (serve/app.py) is a thin layer over this module: its deployments hold `RenderPipeline`s and
+run the stages; its ingress holds one `RenderService`, which validates uploads, admits or refuses renders
+(503 + Retry-After when the queue is full), runs each accepted render as a background task through a
+`RenderStages` object (the deployment handles), and writes the mp4 and a status JSON atomically to the
+output directory:
+
+    POST /v1/renders     -> RenderService.submit   (202 + render id; 4xx for bad input; 503 when full)
+    GET  /v1/renders/ID  -> RenderService.status   (queued / running / done / failed, progress, error)
+    GET  .../ID/video    -> RenderService.video_path  (404 unknown id, 409 not done)
+
+Every user-caused problem is a `DawnError`; `error_status` / `error_body` turn one into an HTTP status and
+a JSON body naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from dawn import DawnError
+from dawn.pipeline import Motion, Portrait, RenderOptions, RenderPipeline
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+STATUSES = ("queued", "running", "done", "failed")
+RENDER_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors with an HTTP status
+
+class RequestError(DawnError):
+    """A user-caused problem with an explicit HTTP status (a plain DawnError maps to 422)."""
+
+    status_code = 400
+
+    def __init__(self, message: str, status_code: int | None = None):
+        super().__init__(message)
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class ServiceBusy(RequestError):
+    """The render queue is full: 503 with a Retry-After hint in seconds."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def error_status(error: BaseException) -> int:
+    """HTTP status for an error: RequestError's own, 422 for any other DawnError. A Ray task error that
+    wraps a DawnError (raised in another replica) is unwrapped through its `.cause`."""
+    error = getattr(error, "cause", None) or error
+    if isinstance(error, RequestError):
+        return error.status_code
+    return 422
+
+
+def error_body(error: BaseException) -> tuple[dict, dict]:
+    """(JSON body, extra headers) for an error: {"error": message}; Retry-After for ServiceBusy."""
+    error = getattr(error, "cause", None) or error
+    headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, ServiceBusy) else {}
+    return {"error": str(error), "status": error_status(error)}, headers
+
+
+# ----------------------------------------------------------------------------------------------------
+# Limits and request options
+
+@dataclass
+class ServeLimits:
+    max_upload_bytes: int = 20 * 2**20  # per uploaded file
+    max_audio_seconds: float = 60.0  # longer speech is refused (422)
+    max_active_renders: int = 4  # renders in the pipeline at once (the rest wait, status "queued")
+    max_queued_renders: int = 16  # waiting renders; one more is refused with 503 + Retry-After
+    max_steps: int = 100  # sampling steps a request may ask for
+    default_steps: int = 20
+    retry_after_s: int = 10  # Retry-After before any render has finished (later: from measured durations)
+
+    def __post_init__(self):
+        for name in ("max_upload_bytes", "max_active_renders", "max_steps", "default_steps", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise DawnError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queued_renders < 0 or self.max_audio_seconds <= 0:
+            raise DawnError("serve limits max_queued_renders must be >= 0 and max_audio_seconds > 0")
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ServeLimits":
+        """Limits from string/number arguments (serve config `args`, CLI); unknown keys are ignored."""
+        types = {f: type(v) for f, v in asdict(cls()).items()}
+        try:
+            return cls(**{k: types[k](v) for k, v in args.items() if k in types})
+        except ValueError as e:
+            raise DawnError(f"bad serve limit: {e}") from None
+
+
+def render_options(seed: int | None, steps: int | None, limits: ServeLimits) -> RenderOptions:
+    """Check a request's seed and steps against the limits -> RenderOptions."""
+    steps = limits.default_steps if steps is None else steps
+    seed = 0 if seed is None else seed
+    if not 1 <= steps <= limits.max_steps:
+        raise RequestError(f"steps must be between 1 and {limits.max_steps}, got {steps}")
+    if not 0 <= seed < 2**63:
+        raise RequestError(f"seed must be a non-negative 64-bit integer, got {seed}")
+    return RenderOptions(steps=steps, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Uploads -> checked inputs (runs in the Features replica)
+
+@dataclass
+class Upload:
+    """One uploaded file: the form field it came in, the client's file name, the bytes."""
+
+    field: str
+    filename: str
+    data: bytes
+
+
+@dataclass
+class PreparedRender:
+    """Checked inputs of one render: the analysed portrait, 16 kHz speech, optional driving frames."""
+
+    portrait: Portrait
+    waveform: np.ndarray  # (N,) float32, 16 kHz mono
+    pose_frames: np.ndarray | None  # (F, H, W, 3) uint8 or None
+
+    @property
+    def num_frames(self) -> int:
+        from dawn.audio import num_frames
+
+        return num_frames(len(self.waveform))
+
+
+def check_upload_size(upload: Upload, limits: ServeLimits) -> None:
+    if len(upload.data) == 0:
+        raise RequestError(f"{upload.field} upload {upload.filename!r} is empty")
+    if len(upload.data) > limits.max_upload_bytes:
+        raise RequestError(f"{upload.field} upload {upload.filename!r} is larger than the limit of "
+                           f"{limits.max_upload_bytes} bytes", 413)
+
+
+def decode_upload(upload: Upload, decode, what: str):
+    """Run `decode(path)` on the upload written to a temporary file. Any failure to read the client's bytes
+    is the client's problem (422), with a message naming the field instead of the temporary path."""
+    suffix = re.sub(r"[^A-Za-z0-9.]", "", Path(upload.filename or "").suffix)[:12]
+    with tempfile.TemporaryDirectory(prefix="dawn-upload-") as tmp:
+        path = Path(tmp) / f"{upload.field}{suffix}"
+        path.write_bytes(upload.data)
+        try:
+            return decode(path)
+        except Exception as e:  # decoders raise DawnError, but garbage bytes may trip any library error
+            message = str(e).replace(str(path), f"{upload.field} upload {upload.filename!r}")
+            if not isinstance(e, DawnError):
+                message = f"{upload.field} upload {upload.filename!r} is not a readable {what}: {message}"
+            raise RequestError(message, 422) from None
+
+
+def prepare_render(pipeline: RenderPipeline, portrait: Upload, audio: Upload, pose_video: Upload | None,
+                   resolution: int, limits: ServeLimits) -> PreparedRender:
+    """Decode and check the uploads: the image must hold a face, the audio must be speech-length audio
+    no longer than the limit, the pose video must decode. Raises RequestError (4xx) naming the problem."""
+    from dawn.audio import load_audio
+    from dawn.face import load_image
+    from dawn.video import read_video
+
+    for upload in (portrait, audio, pose_video):
+        if upload is not None:
+            check_upload_size(upload, limits)
+    image = decode_upload(portrait, load_image, "image")
+    try:
+        analysed = pipeline.analyze_portrait(image, resolution=resolution, name=f"portrait {portrait.filename!r}")
+    except DawnError as e:
+        raise RequestError(str(e), 422) from None
+    waveform = decode_upload(audio, load_audio, "audio file")
+    seconds = len(waveform) / SAMPLE_RATE
+    if seconds > limits.max_audio_seconds:
+        raise RequestError(f"audio upload {audio.filename!r} is {seconds:.1f} s long; the limit is "
+                           f"{limits.max_audio_seconds:g} s", 422)
+    pose_frames = None
+    if pose_video is not None:
+        pose_frames = decode_upload(pose_video, lambda p: read_video(p)[0], "video")
+        if len(pose_frames) == 0:
+            raise RequestError(f"pose_video upload {pose_video.filename!r} has no frames", 422)
+    return PreparedRender(portrait=analysed, waveform=waveform, pose_frames=pose_frames)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A2V-FDM work of several requests, batched where shapes allow (runs in the A2V-FDM replica)
+
+@dataclass
+class FramesRequest:
+    """Everything the A2V-FDM + LFG stage needs for one render."""
+
+    portrait: Portrait
+    hubert: np.ndarray  # (T, 1024)
+    motion: Motion
+    options: RenderOptions
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys share one sampling pass (same frame count, resolution, sampler)."""
+        o = self.options
+        return (self.hubert.shape[0], self.portrait.image.shape, o.steps, o.sampler, o.eta, o.cond_scale)
+
+
+def render_frames_batched(pipeline: RenderPipeline, requests: list[FramesRequest],
+                          max_batch: int | None = None) -> list[np.ndarray | BaseException]:
+    """Frames (T, S, S, 3) uint8 for each request, in order. Requests of the same batch key are sampled
+    together (`RenderPipeline.sample_flows_batch`, each with its own seed, so a request's frames do not
+    depend on what it was batched with); each is then decoded on its own. A failure is returned in the
+    request's place (a whole group fails together) instead of being raised."""
+    results: list[np.ndarray | BaseException | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(request.batch_key(), []).append(i)
+    for indices in groups.values():
+        step = max_batch or len(indices)
+        for start in range(0, len(indices), step):
+            chunk = indices[start:start + step]
+            chosen = [requests[i] for i in chunk]
+            try:
+                flows = pipeline.sample_flows_batch([r.portrait for r in chosen], [r.hubert for r in chosen],
+                                                    [r.motion for r in chosen], chosen[0].options,
+                                                    seeds=[r.options.seed for r in chosen])
+                for k, i in enumerate(chunk):
+                    results[i] = pipeline.decode_frames(requests[i].portrait, flows[k:k + 1],
+                                                        batch_size=requests[i].options.decode_batch)
+            except Exception as e:  # noqa: BLE001 - handed back to each caller of the group
+                for i in chunk:
+                    results[i] = e
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Job table
+
+@dataclass
+class RenderJob:
+    id: str
+    status: str = "queued"
+    stage: str = "queued"
+    progress: float = 0.0
+    error: str | None = None
+    frames: int | None = None
+    seed: int = 0
+    steps: int = 20
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class JobTable:
+    """Render records in memory, terminal ones also as `<id>.json` next to `<id>.mp4` in the output
+    directory (so a restarted ingress, or another ingress replica on a shared volume, still answers).
+    Thread-safe; admission (queued count vs max_queued_renders) happens here."""
+
+    def __init__(self, output_dir: str | Path, limits: ServeLimits, keep_in_memory: int = 10000):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.limits = limits
+        self.keep_in_memory = keep_in_memory
+        self._jobs: dict[str, RenderJob] = {}
+        self._lock = threading.Lock()
+        self._durations: deque[float] = deque(maxlen=20)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict.fromkeys(STATUSES, 0)
+            for job in self._jobs.values():
+                counts[job.status] += 1
+            return counts
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: mean recent render time x waiting renders / slots."""
+        with self._lock:
+            if not self._durations:
+                return self.limits.retry_after_s
+            waiting = sum(j.status == "queued" for j in self._jobs.values()) + 1
+            estimate = sum(self._durations) / len(self._durations) * waiting / self.limits.max_active_renders
+        return int(min(600, max(1, math.ceil(estimate))))
+
+    def check_capacity(self) -> None:
+        """Raise ServiceBusy when no render can be admitted (queued + running at the limit)."""
+        counts = self.counts()
+        capacity = self.limits.max_active_renders + self.limits.max_queued_renders
+        if counts["queued"] + counts["running"] >= capacity:
+            raise ServiceBusy(f"the render queue is full ({counts['running']} running, {counts['queued']} "
+                              f"queued); retry later", self.retry_after())
+
+    def submit(self, options: RenderOptions) -> RenderJob:
+        """Admit a new render (status queued) or raise ServiceBusy."""
+        self.check_capacity()
+        job = RenderJob(id=uuid.uuid4().hex, seed=options.seed, steps=options.steps)
+        with self._lock:
+            self._jobs[job.id] = job
+            self._forget_old()
+        return job
+
+    def update(self, render_id: str, **changes) -> RenderJob:
+        with self._lock:
+            job = self._jobs[render_id]
+            for key, value in changes.items():
+                setattr(job, key, value)
+            if changes.get("status") == "running" and job.started is None:
+                job.started = time.time()
+            if job.status in ("done", "failed"):
+                job.finished = time.time()
+                if job.status == "done":
+                    job.progress = 1.0
+                    self._durations.append(job.finished - (job.started or job.created))
+            record = RenderJob(**job.to_dict())
+        if record.status in ("done", "failed"):
+            self._write_record(record)
+        return record
+
+    def get(self, render_id: str) -> RenderJob:
+        """The record of a render (memory, then the output directory), or RequestError 404."""
+        if not RENDER_ID.match(render_id or ""):
+            raise RequestError(f"unknown render id {render_id!r}", 404)
+        with self._lock:
+            job = self._jobs.get(render_id)
+            if job is not None:
+                return RenderJob(**job.to_dict())
+        path = self.output_dir / f"{render_id}.json"
+        if path.is_file():
+            return RenderJob(**json.loads(path.read_text()))
+        raise RequestError(f"unknown render id {render_id!r}", 404)
+
+    def video_path(self, render_id: str) -> Path:
+        """The finished mp4 of a render: 404 for an unknown id, 409 while not done (or failed)."""
+        job = self.get(render_id)
+        if job.status != "done":
+            detail = f": {job.error}" if job.error else ""
+            raise RequestError(f"render {render_id} is {job.status}{detail}; its video is not available", 409)
+        return self.output_dir / f"{render_id}.mp4"
+
+    def _write_record(self, job: RenderJob) -> None:
+        from dawn.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(self.output_dir / f"{job.id}.json",
+                           lambda p: Path(p).write_text(json.dumps(job.to_dict())))
+
+    def _forget_old(self) -> None:
+        """Keep at most keep_in_memory records: drop the oldest finished ones (their JSON stays on disk)."""
+        excess = len(self._jobs) - self.keep_in_memory
+        if excess > 0:
+            finished = [j.id for j in self._jobs.values() if j.status in ("done", "failed")]
+            for render_id in finished[:excess]:
+                del self._jobs[render_id]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The service
+
+class RenderStages(Protocol):
+    """Where the stages run: Serve deployment handles in serve/app.py, or anything with these methods."""
+
+    async def resolution(self) -> int: ...
+    async def prepare(self, portrait: Upload, audio: Upload, pose_video: Upload | None, resolution: int,
+                      limits: ServeLimits) -> PreparedRender: ...
+    async def audio_features(self, waveform: np.ndarray) -> np.ndarray: ...
+    async def sample_motion(self, portrait: Portrait, hubert: np.ndarray, seed: int) -> Motion: ...
+    async def motion_from_video(self, frames: np.ndarray, num_frames: int) -> Motion: ...
+    async def render_frames(self, request: FramesRequest) -> np.ndarray: ...
+
+
+# Progress reported when a stage starts (the stages run in other processes, so per-step progress is not
+# visible here; the fractions roughly follow where the time goes).
+STAGE_PROGRESS = {"features": 0.05, "motion": 0.15, "sampling": 0.25, "writing": 0.9}
+
+
+class RenderService:
+    """Admission, validation and background rendering for the HTTP API (one per ingress replica)."""
+
+    def __init__(self, stages: RenderStages, output_dir: str | Path, limits: ServeLimits | None = None):
+        self.stages = stages
+        self.limits = limits or ServeLimits()
+        self.jobs = JobTable(output_dir, self.limits)
+        self._slots: asyncio.Semaphore | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._resolution: int | None = None
+
+    async def submit(self, portrait: Upload, audio: Upload, pose_video: Upload | None = None,
+                     seed: int | None = None, steps: int | None = None) -> RenderJob:
+        """Check and admit a render; it then runs in the background. Raises RequestError / ServiceBusy."""
+        self.jobs.check_capacity()  # refuse early, before decoding anything
+        options = render_options(seed, steps, self.limits)
+        if self._resolution is None:
+            self._resolution = await self.stages.resolution()
+        prepared = await self.stages.prepare(portrait, audio, pose_video, self._resolution, self.limits)
+        job = self.jobs.submit(options)
+        task = asyncio.get_running_loop().create_task(self._run(job.id, prepared, options))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    def status(self, render_id: str) -> RenderJob:
+        return self.jobs.get(render_id)
+
+    def video_path(self, render_id: str) -> Path:
+        return self.jobs.video_path(render_id)
+
+    def health(self) -> dict:
+        return {"status": "ok", "renders": self.jobs.counts(), "limits": asdict(self.limits)}
+
+    async def wait_idle(self) -> None:
+        """Wait for every background render started so far (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _run(self, render_id: str, prepared: PreparedRender, options: RenderOptions) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limits.max_active_renders)
+        async with self._slots:
+            try:
+                await self._render(render_id, prepared, options)
+            except Exception as e:  # noqa: BLE001 - every failure ends up in the render's record
+                cause = getattr(e, "cause", None) or e
+                if isinstance(cause, DawnError):
+                    message = str(cause)
+                else:
+                    log.exception("render %s failed", render_id)
+                    message = f"internal error ({type(cause).__name__}): {cause}"
+                self.jobs.update(render_id, status="failed", error=message)
+
+    async def _render(self, render_id: str, prepared: PreparedRender, options: RenderOptions) -> None:
+        from dawn.video import write_mp4
+
+        def stage(name: str) -> None:
+            self.jobs.update(render_id, status="running", stage=name, progress=STAGE_PROGRESS[name])
+
+        stage("features")
+        hubert = await self.stages.audio_features(prepared.waveform)
+        stage("motion")
+        if prepared.pose_frames is not None:
+            motion = await self.stages.motion_from_video(prepared.pose_frames, hubert.shape[0])
+        else:
+            motion = await self.stages.sample_motion(prepared.portrait, hubert, options.seed)
+        stage("sampling")
+        frames = await self.stages.render_frames(FramesRequest(prepared.portrait, hubert, motion, options))
+        stage("writing")
+        await asyncio.to_thread(write_mp4, self.jobs.output_dir / f"{render_id}.mp4", frames, fps=25,
+                                audio=prepared.waveform)  # atomic: a temporary file renamed onto the name
+        self.jobs.update(render_id, status="done", stage="done", frames=int(frames.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# `dawn serve`
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # holds serve/app.py (the Serve application)
+
+
+def app_args(args: argparse.Namespace) -> dict:
+    """The `build_app` arguments for the parsed `dawn serve` flags."""
+    out = {"checkpoints": str(Path(args.checkpoints).resolve()), "output": str(Path(args.output).resolve()),
+           "device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size}
+    if args.hubert:
+        out["hubert"] = str(Path(args.hubert).resolve())
+    for stage in ("features", "pbnet", "a2v"):
+        out[f"{stage}_replicas"] = getattr(args, f"{stage}_replicas")
+    out["a2v_gpus"] = args.a2v_gpus
+    for name in ("max_upload_bytes", "max_audio_seconds", "max_active_renders", "max_queued_renders",
+                 "max_steps"):
+        out[name] = getattr(args, name)
+    return out
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    if not Path(args.checkpoints).is_dir():
+        raise DawnError(f"checkpoint directory not found: {args.checkpoints} (see `dawn init-checkpoints`)")
+    import ray
+    from ray import serve
+
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if args.address:
+        ray.init(address=args.address, runtime_env=runtime_env)
+    else:
+        ray.init(address="local", num_cpus=args.num_cpus, runtime_env=runtime_env)
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from serve.app import build_app
+
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"dawn serve: http://{args.host}:{args.port}/docs (Ctrl-C stops)", flush=True)
+    serve.run(build_app(app_args(args)), name="dawn", route_prefix="/", blocking=True)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    limits = ServeLimits()
+    p = subparsers.add_parser("serve", help="start the render HTTP API (Ray Serve) on this machine")
+    p.add_argument("--checkpoints", default="checkpoints", help="dawn checkpoint directory (default ./checkpoints)")
+    p.add_argument("--hubert", help="HuBERT model folder (default: CHECKPOINTS/hubert)")
+    p.add_argument("--output", default="renders", help="where rendered mp4s go (default ./renders)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="join a running Ray cluster (default: start a local one)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--device", default="auto", help="auto (cuda when a replica has a GPU), cpu or cuda")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--features-replicas", type=int, default=1)
+    p.add_argument("--pbnet-replicas", type=int, default=1)
+    p.add_argument("--a2v-replicas", type=int, default=1)
+    p.add_argument("--a2v-gpus", type=float, default=0.0, help="GPUs per A2V-FDM replica (default 0)")
+    p.add_argument("--max-batch-size", type=int, default=4, help="A2V-FDM requests sampled together")
+    p.add_argument("--max-upload-bytes", type=int, default=limits.max_upload_bytes)
+    p.add_argument("--max-audio-seconds", type=float, default=limits.max_audio_seconds)
+    p.add_argument("--max-active-renders", type=int, default=limits.max_active_renders)
+    p.add_argument("--max-queued-renders", type=int, default=limits.max_queued_renders)
+    p.add_argument("--max-steps", type=int, default=limits.max_steps)
+    p.set_defaults(func=_serve_command)
