@@ -52,7 +52,7 @@ LOWER_MIDLINE = (2, 98, 327)  # subnasale and the alar bases
 EYE_CORNER_DISTANCE_UM = 90_000.0  # mean adult outer-canthus distance (~90 mm) in BFM units (micrometres)
 ROI_SIZE = 120  # 3DDFA_V2 input crop side; pose scale and translation are measured in its pixels
 
-_local = threading.local()  # mediapipe graphs are not thread-safe: one static-mode FaceMesh per thread
+_local = threading.local()  # mediapipe graphs are not thread-safe: one detector and one FaceMesh per thread
 
 
 @dataclass
@@ -293,7 +293,7 @@ def to_rgb_uint8(image) -> np.ndarray:
             image = image.convert("RGBA")
         elif image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
             image = np.asarray(image, dtype=np.uint16)
-        elif image.mode in ("I", "F"):
+        elif image.mode == "I":
             image = np.asarray(image)
         elif image.mode not in ("RGB", "RGBA", "L"):
             image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, 1
