@@ -135,7 +135,7 @@ class RenderPipeline:
         size = resolution or self.resolution
         analysis = analyze_portrait(image, size=size, crop=crop, name=name)
         return Portrait(image=analysis.image, pose=np.asarray(analysis.pose, np.float32),
-                        eyes=np.asarray(analysis.eyes, np.float32),
+                        eyes=np.asarray(analysis.eye_ratios, np.float32),
                         face_box=np.asarray(analysis.face_box, np.float32), notes=list(analysis.notes))
 
     def audio_features(self, waveform: np.ndarray) -> np.ndarray:
@@ -167,7 +167,7 @@ class RenderPipeline:
         if not analysis["found"].any():
             raise DawnError("no face found in any frame of the pose video")
         index = np.minimum(np.arange(num_frames), len(frames) - 1)
-        return Motion(pose=analysis["pose"][index].astype(np.float32), eyes=analysis["eyes"][index].astype(np.float32))
+        return Motion(pose=analysis["pose"][index].astype(np.float32), eyes=analysis["eye_ratios"][index].astype(np.float32))
 
     # ---- stage 3: flows ----------------------------------------------------------------------------
     def condition(self, portrait: Portrait, hubert: np.ndarray, motion: Motion) -> torch.Tensor:
@@ -178,34 +178,54 @@ class RenderPipeline:
     def source_tensor(self, portrait: Portrait) -> torch.Tensor:
         return torch.as_tensor(portrait.image, device=self.device).permute(2, 0, 1)[None].float() / 255.0
 
-    @torch.no_grad()
     def sample_flows(self, portrait: Portrait, hubert: np.ndarray, motion: Motion, options: RenderOptions,
                      progress: Progress | None = None) -> torch.Tensor:
         """Flow and occlusion for all T frames in one sampling pass: (1, 3, T, L, L), channels
         (flow x, flow y, 2 * occlusion - 1)."""
-        from dawn.models.diffusion import classifier_free_guidance, ddim_sample, dpm_solver_sample
+        return self.sample_flows_batch([portrait], [hubert], [motion], options, seeds=[options.seed],
+                                       progress=progress)
+
+    @torch.no_grad()
+    def sample_flows_batch(self, portraits: list[Portrait], huberts: list[np.ndarray], motions: list[Motion],
+                           options: RenderOptions, seeds: list[int], progress: Progress | None = None
+                           ) -> torch.Tensor:
+        """`sample_flows` for B renders with the same frame count T in one batched pass -> (B, 3, T, L, L).
+
+        Render b draws its noise from its own generator seeded with seeds[b], in the order a single
+        render draws it, so its flows do not depend on what it is batched with (options.seed is unused).
+        """
+        from dawn.models.diffusion import classifier_free_guidance, ddim_sample, ddim_timesteps, dpm_solver_sample
 
         if options.sampler not in SAMPLERS:
             raise DawnError(f"unknown sampler {options.sampler!r} (use one of {SAMPLERS})")
-        cond = self.condition(portrait, hubert, motion)
-        t = cond.shape[1]
-        source = self.source_tensor(portrait)
-        box = torch.as_tensor(portrait.face_box, dtype=torch.float32, device=self.device)[None]
+        if len({len(h) for h in huberts}) != 1 or not len(portraits) == len(motions) == len(seeds) == len(huberts):
+            raise ValueError("sample_flows_batch needs one portrait, motion and seed per render, all of one length")
+        cond = torch.cat([self.condition(p, h, m) for p, h, m in zip(portraits, huberts, motions)])
+        source = torch.cat([self.source_tensor(p) for p in portraits])
+        box = torch.as_tensor(np.stack([p.face_box for p in portraits]), dtype=torch.float32, device=self.device)
+        latent = self.a2v.config.latent_size
+        one = (1, 3, cond.shape[1], latent, latent)
+        # x_T, then one draw per DDIM step that adds noise (t' > 0 and eta > 0); DPM-Solver++ draws x_T only.
+        pairs = ddim_timesteps(options.steps, self.a2v.schedule.timesteps)
+        draws = 1 + (sum(t_next > 0 for _, t_next in pairs) if options.sampler == "ddim" and options.eta > 0 else 0)
+        per_render = []
+        for seed in seeds:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            per_render.append([torch.randn(one, generator=generator, device=self.device) for _ in range(draws)])
+        noise = [torch.cat([n[k] for n in per_render]) for k in range(draws)]
         with _autocast(self.device, self.dtype):
             features = self.a2v.source_features(self.lfg.source_latent(source), box)
             denoise = self.a2v.denoiser(features, cond)
             if options.cond_scale != 1.0:
                 denoise = classifier_free_guidance(denoise, self.a2v.denoiser(features, torch.zeros_like(cond)),
                                                    options.cond_scale)
-            latent = self.a2v.config.latent_size
-            shape = (1, 3, t, latent, latent)
-            generator = torch.Generator(device=self.device).manual_seed(options.seed)
+            shape = (len(seeds), *one[1:])
             if options.sampler == "ddim":
                 flows = ddim_sample(self.a2v.schedule, denoise, shape, steps=options.steps, eta=options.eta,
-                                    generator=generator, progress=progress)
+                                    noise=noise, progress=progress)
             else:
-                flows = dpm_solver_sample(self.a2v.schedule, denoise, shape, steps=options.steps,
-                                          generator=generator, progress=progress)
+                flows = dpm_solver_sample(self.a2v.schedule, denoise, shape, steps=options.steps, noise=noise,
+                                          progress=progress)
         return flows.float()
 
     # ---- stage 4: frames ---------------------------------------------------------------------------
