@@ -322,7 +322,12 @@ def render_files(pipeline: RenderPipeline, portrait_path: str | Path, audio_path
 
     image = load_image(portrait_path)
     waveform = load_audio(audio_path)
-    pose_frames = read_video(pose_video)[0] if pose_video is not None else None
+    pose_frames = None
+    if pose_video is not None:
+        from dawn.data.preprocess import resample_indices
+
+        video, fps = read_video(pose_video)
+        pose_frames = video[resample_indices(len(video), fps)]  # to 25 fps
     frames, info = pipeline.render_arrays(image, waveform, options, pose_frames=pose_frames,
                                           progress_bars=progress_bars, name=str(portrait_path))
     write_mp4(out_path, frames, fps=25, audio=waveform)
