@@ -312,22 +312,26 @@ def _load_hubert(directory, device: str):
     return HubertFeatureExtractor(directory, device=device)
 
 
+def load_pose_frames(path: str | Path) -> np.ndarray:
+    """A driving video's frames resampled to 25 fps: (T, H, W, 3) uint8 RGB (for motion_from_video)."""
+    from dawn.data.preprocess import resample_indices
+    from dawn.video import read_video
+
+    video, fps = read_video(path)
+    return video[resample_indices(len(video), fps)]
+
+
 def render_files(pipeline: RenderPipeline, portrait_path: str | Path, audio_path: str | Path,
                  out_path: str | Path, options: RenderOptions, pose_video: str | Path | None = None,
                  progress_bars: bool = True) -> dict:
     """Read the inputs, render, and write an H.264 mp4 with the input audio as AAC (atomically)."""
     from dawn.audio import load_audio
     from dawn.face import load_image
-    from dawn.video import read_video, write_mp4
+    from dawn.video import write_mp4
 
     image = load_image(portrait_path)
     waveform = load_audio(audio_path)
-    pose_frames = None
-    if pose_video is not None:
-        from dawn.data.preprocess import resample_indices
-
-        video, fps = read_video(pose_video)
-        pose_frames = video[resample_indices(len(video), fps)]  # to 25 fps
+    pose_frames = load_pose_frames(pose_video) if pose_video is not None else None
     frames, info = pipeline.render_arrays(image, waveform, options, pose_frames=pose_frames,
                                           progress_bars=progress_bars, name=str(portrait_path))
     write_mp4(out_path, frames, fps=25, audio=waveform)
