@@ -1,0 +1,173 @@
+"""`TrainConfig`: everything one training run needs, for all three models (LFG, PBNet, A2V-FDM).
+
+One dataclass, resolved once on the driver (`resolved()` fills the defaults that depend on other fields),
+shipped to every Ray Train worker as a plain dict (`to_dict()` / `from_dict()`), and logged to MLflow as
+the run's parameters. The DeepSpeed config is built from it by `deepspeed_config()` unless a full
+config (dict or JSON file) is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dawn import DawnError
+
+MODELS = ("lfg", "pbnet_pose", "pbnet_blink", "a2v")
+PRESETS = ("tiny", "hdtf128", "hdtf256")
+DTYPES = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    model: str  # "lfg" | "pbnet_pose" | "pbnet_blink" | "a2v"; also the exported checkpoint's name
+    data: str  # preprocessed shards directory (docs/data_schema.md); the "train" split is used
+    preset: str = "tiny"  # network shapes: tiny | hdtf128 | hdtf256
+    stage: int = 1  # A2V-FDM curriculum stage (paper §3.5): 1 = K' frames from the first, 2 = K in [30, 40]
+    # where things go
+    storage_path: str = "runs"  # Ray Train storage (checkpoints); also holds the default MLflow store
+    run_name: str | None = None  # default "<model>[-s<stage>]-<preset>"; rerun with the same name to resume
+    mlflow_uri: str | None = None  # default sqlite:///<storage_path>/mlflow.db
+    experiment: str = "dawn"
+    export_dir: str | None = None  # dawn checkpoint written at the end; default <storage>/<run>/export
+    # optimisation (DeepSpeed)
+    deepspeed_config: dict | str | None = None  # full DeepSpeed config (dict or JSON path); overrides below
+    zero_stage: int = 2
+    dtype: str = "auto"  # auto: bf16 (autocast) on GPU, fp32 on CPU
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 4  # per worker, per micro-step
+    lr: float = 1e-4
+    lr_schedule: str = "cosine"  # linear warm-up, then cosine decay to lr_min_ratio * lr, or constant
+    warmup_steps: int = 0
+    lr_min_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    # bookkeeping
+    checkpoint_every: int = 500
+    log_every: int = 10
+    sample_every: int = 1000  # MLflow artifact (image grid / curves / frame strip); 0 = never
+    keep_checkpoints: int = 2
+    num_workers: int = 1
+    use_gpu: bool = False
+    seed: int = 0
+    max_minutes: float | None = None  # time budget: stop cleanly with a final checkpoint + export
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint
+    # model inputs
+    init_from: str | None = None  # dawn checkpoint dir: start from its <model> weights (A2V stage 2: stage 1)
+    lfg: str | None = None  # dawn checkpoint dir holding lfg.* (frozen; A2V targets and source latents)
+    vgg19: str | None = None  # VGG-19 weights (torchvision state dict, .pth/.safetensors) for the LFG loss
+    model_overrides: dict = field(default_factory=dict)  # network config fields replaced after the preset
+    objective_options: dict = field(default_factory=dict)  # loss weights etc., see each objective's Options
+    # data
+    overfit_batches: int = 0  # >0: train on the first N batches over and over (smoke tests, overfitting)
+    samples_per_row: int = 4  # samples drawn from each shard row (segment) per pass (paper A.2: 25 per video)
+    # test-only fault injection: rank 1 exits hard once at this step (a marker file makes it happen once)
+    fail_at_step: int | None = None
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise DawnError(f"unknown model {self.model!r} (choose from {', '.join(MODELS)})")
+        if self.preset not in PRESETS:
+            raise DawnError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
+        if self.stage not in (1, 2):
+            raise DawnError(f"--stage must be 1 or 2, got {self.stage}")
+        if self.dtype not in DTYPES:
+            raise DawnError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DawnError(f"unknown lr schedule {self.lr_schedule!r} (choose from {', '.join(LR_SCHEDULES)})")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise DawnError(f"ZeRO stage must be 0-3, got {self.zero_stage}")
+        for name in ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise DawnError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.model == "a2v" and self.lfg is None:
+            raise DawnError("A2V-FDM training needs a trained LFG: --lfg CHECKPOINT_DIR (holding lfg.json)")
+        if self.model == "a2v" and self.stage == 2 and self.init_from is None:
+            raise DawnError("A2V-FDM stage 2 starts from the stage-1 weights: --init-from STAGE1_EXPORT_DIR")
+        self.betas = tuple(self.betas)
+
+    # -- derived values -------------------------------------------------------------------------------
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with absolute paths and every default that depends on other fields filled in."""
+        storage = Path(self.storage_path).expanduser().resolve()
+        run_name = self.run_name or (f"{self.model}-s{self.stage}-{self.preset}" if self.model == "a2v"
+                                     else f"{self.model}-{self.preset}")
+        absolute = {name: str(Path(getattr(self, name)).expanduser().resolve())
+                    for name in ("data", "init_from", "lfg", "vgg19") if getattr(self, name) is not None}
+        deepspeed = self.deepspeed_config
+        if isinstance(deepspeed, str):
+            path = Path(deepspeed).expanduser()
+            if not path.is_file():
+                raise DawnError(f"DeepSpeed config {path} does not exist")
+            try:
+                deepspeed = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise DawnError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+        return dataclasses.replace(
+            self, storage_path=str(storage), run_name=run_name,
+            mlflow_uri=self.mlflow_uri or f"sqlite:///{storage / 'mlflow.db'}",
+            export_dir=str(Path(self.export_dir).expanduser().resolve()) if self.export_dir
+            else str(storage / run_name / "export"),
+            deepspeed_config=deepspeed, **absolute,
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        """Ray Train's folder of this run (checkpoints) under the storage path."""
+        return Path(self.storage_path) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        return cls(**values)
+
+
+def lr_multiplier(step: int, config: TrainConfig) -> float:
+    """LR factor at optimizer step `step` (0-based): linear warm-up over warmup_steps, then cosine decay
+    from 1 to lr_min_ratio at the last step, or constant 1."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return config.lr_min_ratio + (1 - config.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(config: TrainConfig, on_gpu: bool) -> dict:
+    """The DeepSpeed config of a run: the user's full config if given (batch sizes forced to ours),
+    otherwise ZeRO `zero_stage`, bf16 autocast on GPU (or as asked), fp32 on CPU, gradient clipping and
+    accumulation. The training loop autocasts to bfloat16 when "torch_autocast" or "bf16" is enabled.
+
+    The optimizer and LR schedule are torch objects handed to deepspeed.initialize (no compiled ops)."""
+    if config.deepspeed_config is not None:
+        ds = json.loads(json.dumps(config.deepspeed_config))  # deep copy
+        for key in ("optimizer", "scheduler"):
+            if key in ds:
+                raise DawnError(f"the DeepSpeed config must not define {key!r}: dawn passes a torch AdamW and "
+                                "its LR schedule (--lr, --lr-schedule, --warmup-steps)")
+    else:
+        bf16 = config.dtype == "bf16" or (config.dtype == "auto" and on_gpu)
+        ds = {
+            "zero_optimization": {"stage": config.zero_stage},
+            # bf16 = torch autocast: bfloat16 compute and gradient communication, fp32 master weights in
+            # the modules (no bf16 cast of buffers such as the diffusion schedule or RoPE frequencies)
+            "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
+            "gradient_clipping": config.grad_clip,
+            "steps_per_print": 10**9,  # dawn logs to MLflow itself
+            "wall_clock_breakdown": False,
+        }
+    ds["train_micro_batch_size_per_gpu"] = config.batch_size
+    ds["gradient_accumulation_steps"] = config.grad_accum
+    ds.pop("train_batch_size", None)
+    return ds
