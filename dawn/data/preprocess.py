@@ -34,6 +34,8 @@ MAX_MISSING_FACE = 0.2  # reject when no face is found in more than this fractio
 SEGMENT_FRAMES = 500  # frames per shard row (20 s)
 CROP_SAMPLE_FRAMES = 16  # frames analysed at full resolution to fix the video's face crop
 DECODE_CHUNK = 32  # source frames decoded at a time (only the resized crops of the whole video are kept)
+ANALYSIS_SIZE = 256  # faces are measured on crops of max(S, 256) px (mediapipe's mesh looks at 192 px)
+ANALYSIS_CHUNK = 250  # frames per face-tracking run; bounds the memory held by the analysis crops
 
 FAILURE_STAGES = ("decode", "audio", "face", "duration", "size", "fps")
 
@@ -196,10 +198,8 @@ def preprocess_video(path: str | Path, resolution: int, hubert_extractor, *, vid
     if num_frames < MIN_SECONDS * FPS:
         raise PreprocessError("duration", f"{path}: only {num_frames / FPS:.2f} s with both video and audio "
                                           f"(at least {MIN_SECONDS:g} s needed)")
-    with _cpu_timer(timings, "decode"):
-        frames = _decode_crops(reader, indices[:num_frames], box, resolution, path)
-    with _cpu_timer(timings, "face"):
-        measures = _analyze_crops(frames, max_missing_face, path)
+    frames, measures = _crop_and_measure(reader, indices[:num_frames], box, resolution, path, timings)
+    measures = _fill_missing_faces(measures, max_missing_face, path)
     rows = []
     for segment, (start, end) in enumerate(segment_bounds(num_frames, segment_frames)):
         rows.append(encode_segment({
@@ -278,15 +278,48 @@ def _fixed_crop_box(reader, path: Path) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def _decode_crops(reader, indices: np.ndarray, box, resolution: int, path: Path) -> np.ndarray:
-    """(T, S, S, 3) uint8: the 25 fps frames `indices`, decoded DECODE_CHUNK at a time, cropped and resized."""
+def _crop_and_measure(reader, indices: np.ndarray, box, resolution: int, path: Path,
+                      timings: dict | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Decode the 25 fps frames `indices`, cut the fixed crop, measure the face in every frame.
+
+    Works ANALYSIS_CHUNK frames at a time (decoding DECODE_CHUNK source frames at a time): crops at the
+    analysis size are measured (analyze_video_frames) and kept resized to `resolution`. Returns frames
+    (T, S, S, 3) uint8 and measures pose (T, 6), eyes (T, 2), mouth (T,), face_box / lip_box (T, 6) in pixels
+    of the S crop, found (T,) bool (values where False are placeholders).
+    """
     from dawn.face import crop_and_resize
 
+    analysis_size = max(resolution, ANALYSIS_SIZE)
     frames = np.empty((len(indices), resolution, resolution, 3), dtype=np.uint8)
-    for start in range(0, len(indices), DECODE_CHUNK):
-        chunk = indices[start:start + DECODE_CHUNK]
-        frames[start:start + len(chunk)] = crop_and_resize(_get_frames(reader, chunk, path), box, resolution)
-    return frames
+    parts = []
+    for start in range(0, len(indices), ANALYSIS_CHUNK):
+        chunk = indices[start:start + ANALYSIS_CHUNK]
+        with _cpu_timer(timings, "decode"):
+            crops = np.concatenate([crop_and_resize(_get_frames(reader, chunk[i:i + DECODE_CHUNK], path), box,
+                                                    analysis_size) for i in range(0, len(chunk), DECODE_CHUNK)])
+            frames[start:start + len(chunk)] = (crops if analysis_size == resolution else
+                                                crop_and_resize(crops, (0, 0, analysis_size, analysis_size), resolution))
+        with _cpu_timer(timings, "face"):
+            parts.append(_measure_faces(crops))
+    measures = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    for name in ("face_box", "lip_box"):  # analysis-crop pixels -> S-crop pixels
+        measures[name][:, :4] *= resolution / analysis_size
+        measures[name][:, 4:] = resolution
+    return frames, measures
+
+
+def _measure_faces(crops: np.ndarray) -> dict[str, np.ndarray]:
+    from dawn.face import analyze_video_frames
+
+    num = len(crops)
+    try:
+        analysis = analyze_video_frames(crops)
+    except DawnError:  # no face in any frame of this chunk
+        return {"pose": np.zeros((num, 6), np.float32), "eyes": np.zeros((num, 2), np.float32),
+                "mouth": np.zeros(num, np.float32), "face_box": np.zeros((num, 6), np.float32),
+                "lip_box": np.zeros((num, 6), np.float32), "found": np.zeros(num, bool)}
+    return {"pose": analysis["pose"], "eyes": analysis["eye_ratios"], "mouth": analysis["mouth_opening"],
+            "face_box": analysis["face_box"], "lip_box": analysis["lip_box"], "found": analysis["found"]}
 
 
 def _load_audio(path: Path) -> np.ndarray:
@@ -305,21 +338,13 @@ def _hubert_features(hubert_extractor, waveform: np.ndarray, path: Path) -> np.n
         raise PreprocessError("audio", f"{path}: {error}") from error
 
 
-def _analyze_crops(frames: np.ndarray, max_missing_face: float, path: Path) -> dict[str, np.ndarray]:
-    """Per-frame pose, eyes, mouth, face and lip boxes on the crops; frames without a face interpolated."""
-    from dawn.face import analyze_video_frames
-
-    try:
-        analysis = analyze_video_frames(frames)
-    except DawnError as error:
-        raise PreprocessError("face", f"{path}: {error}") from error
-    found = analysis["found"]
+def _fill_missing_faces(measures: dict[str, np.ndarray], max_missing_face: float, path: Path) -> dict:
+    """Reject a video with too many faceless frames; interpolate the measures over the rest."""
+    found = measures["found"]
     missing = 1.0 - found.mean()
     if missing > max_missing_face:
         raise PreprocessError("face", f"{path}: no face in {missing:.0%} of the frames "
                                       f"(at most {max_missing_face:.0%} allowed)")
-    measures = {"pose": analysis["pose"], "eyes": analysis["eye_ratios"], "mouth": analysis["mouth_opening"],
-                "face_box": analysis["face_box"], "lip_box": analysis["lip_box"]}
-    measures = {name: interpolate_missing(values, found) for name, values in measures.items()}
-    measures["found"] = found.astype(np.uint8)
-    return measures
+    filled = {name: interpolate_missing(values, found) for name, values in measures.items() if name != "found"}
+    filled["found"] = found.astype(np.uint8)
+    return filled

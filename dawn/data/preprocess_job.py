@@ -175,7 +175,8 @@ def _run_actors(todo: list[VideoItem], output: Path, hubert_dir: Path, settings:
     items = [{"video_id": v.video_id, "path": v.path, "identity": v.identity,
               "split": assign_split(v.identity, settings.test_fraction, settings.seed)} for v in todo]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        VideoPreprocessor, batch_size=1, batch_format="numpy", concurrency=(1, max_actors), num_cpus=1,
+        VideoPreprocessor, batch_size=1, batch_format="numpy", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
         num_gpus=gpu_share or None,
         fn_constructor_kwargs={"output": str(output.resolve()), "hubert_dir": str(hubert_dir.resolve()),
                                "settings": asdict(settings), "device": "cuda" if gpu_share else "cpu"})
