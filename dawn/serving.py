@@ -58,6 +58,9 @@ class RequestError(DawnError):
         if status_code is not None:
             self.status_code = status_code
 
+    def __reduce__(self):  # keep the status when the error crosses processes (a replica -> the ingress)
+        return type(self), (str(self), self.status_code)
+
 
 class ServiceBusy(RequestError):
     """The render queue is full: 503 with a Retry-After hint in seconds."""
@@ -67,6 +70,9 @@ class ServiceBusy(RequestError):
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return type(self), (str(self), self.retry_after_s)
 
 
 def error_status(error: BaseException) -> int:
@@ -171,9 +177,10 @@ def decode_upload(upload: Upload, decode, what: str):
         try:
             return decode(path)
         except Exception as e:  # decoders raise DawnError, but garbage bytes may trip any library error
-            message = str(e).replace(str(path), f"{upload.field} upload {upload.filename!r}")
+            message = str(e).replace(str(path), upload.filename)
             if not isinstance(e, DawnError):
-                message = f"{upload.field} upload {upload.filename!r} is not a readable {what}: {message}"
+                message = f"{upload.filename} is not a readable {what} ({type(e).__name__}: {message})"
+            message = f"{upload.field} upload: {message}"
             raise RequestError(message, 422) from None
 
 
@@ -183,7 +190,7 @@ def prepare_render(pipeline: RenderPipeline, portrait: Upload, audio: Upload, po
     no longer than the limit, the pose video must decode. Raises RequestError (4xx) naming the problem."""
     from dawn.audio import load_audio
     from dawn.face import load_image
-    from dawn.video import read_video
+    from dawn.pipeline import load_pose_frames
 
     for upload in (portrait, audio, pose_video):
         if upload is not None:
@@ -200,7 +207,7 @@ def prepare_render(pipeline: RenderPipeline, portrait: Upload, audio: Upload, po
                            f"{limits.max_audio_seconds:g} s", 422)
     pose_frames = None
     if pose_video is not None:
-        pose_frames = decode_upload(pose_video, lambda p: read_video(p)[0], "video")
+        pose_frames = decode_upload(pose_video, load_pose_frames, "video")
         if len(pose_frames) == 0:
             raise RequestError(f"pose_video upload {pose_video.filename!r} has no frames", 422)
     return PreparedRender(portrait=analysed, waveform=waveform, pose_frames=pose_frames)

@@ -1,0 +1,1 @@
+"""The dawn Ray Serve application (app.py) and its config (config.yaml)."""

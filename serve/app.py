@@ -1,0 +1,216 @@
+"""The dawn Ray Serve application: three scalable stage deployments behind a FastAPI ingress.
+
+    DawnAPI (ingress, FastAPI)  --handles-->  Features  (CPU: uploads decoded, face analysis, HuBERT)
+                                              PBNet     (pose + blink sequences)
+                                              A2VFDM    (diffusion over all frames + LFG decode, batched)
+
+Each deployment holds a `RenderPipeline` with only its own models and calls its stage methods; the request
+logic (limits, validation, job table, the render sequence) is `dawn.serving.RenderService`.
+
+    serve run serve.app:build_app checkpoints=/path/to/ckpt output=/path/to/renders
+    serve deploy serve/config.yaml
+"""
+
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from dawn import DawnError
+from dawn.pipeline import Motion, Portrait, RenderPipeline
+from dawn.serving import (FramesRequest, PreparedRender, RenderService, ServeLimits, Upload, error_body,
+                          error_status, prepare_render, render_frames_batched)
+
+
+def _device(device: str) -> str:
+    """'auto' -> cuda when this replica was given a GPU, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- stage deployments ---------------------------------------------------------------------------
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
+class Features:
+    """Uploads -> checked inputs, speech -> HuBERT features, driving video -> motion (CPU)."""
+
+    def __init__(self, checkpoints: str, hubert: str | None = None, device: str = "cpu"):
+        self.pipeline = RenderPipeline.from_checkpoints(checkpoints, hubert_dir=hubert, stages=("features",),
+                                                        device=_device(device))
+
+    def prepare(self, portrait: Upload, audio: Upload, pose_video: Upload | None, resolution: int,
+                limits: ServeLimits) -> PreparedRender:
+        return prepare_render(self.pipeline, portrait, audio, pose_video, resolution, limits)
+
+    def audio_features(self, waveform: np.ndarray) -> np.ndarray:
+        return self.pipeline.audio_features(waveform)
+
+    def motion_from_video(self, frames: np.ndarray, num_frames: int) -> Motion:
+        return self.pipeline.motion_from_video(frames, num_frames)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
+class PBNet:
+    """Pose and blink sequences for a portrait and its speech features."""
+
+    def __init__(self, checkpoints: str, device: str = "cpu", dtype: str = "fp32"):
+        self.pipeline = RenderPipeline.from_checkpoints(checkpoints, stages=("pbnet",), device=_device(device),
+                                                        dtype=dtype)
+
+    def sample_motion(self, portrait: Portrait, hubert: np.ndarray, seed: int) -> Motion:
+        return self.pipeline.sample_motion(portrait, hubert, seed=seed)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+class A2VFDM:
+    """Flow + occlusion for all frames in one diffusion pass, then LFG decode. Concurrent requests are
+    collected by @serve.batch and sampled together where their shapes match."""
+
+    def __init__(self, checkpoints: str, device: str = "cpu", dtype: str = "fp32", max_batch_size: int = 4,
+                 batch_wait_s: float = 0.05):
+        self.pipeline = RenderPipeline.from_checkpoints(checkpoints, stages=("a2v",), device=_device(device),
+                                                        dtype=dtype)
+        self.render_batch.set_max_batch_size(max_batch_size)
+        self.render_batch.set_batch_wait_timeout_s(batch_wait_s)
+
+    def resolution(self) -> int:
+        return self.pipeline.resolution
+
+    async def render(self, request: FramesRequest) -> np.ndarray:
+        frames = await self.render_batch(request)
+        if isinstance(frames, BaseException):  # this request's group failed; the others are unaffected
+            raise frames
+        return frames
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def render_batch(self, requests: list[FramesRequest]) -> list[np.ndarray | BaseException]:
+        # The work runs in a thread so this replica keeps accepting (and batching) requests meanwhile.
+        return await asyncio.to_thread(render_frames_batched, self.pipeline, requests)
+
+
+# ---- ingress -------------------------------------------------------------------------------------
+
+class HandleStages:
+    """dawn.serving.RenderStages over the deployment handles."""
+
+    def __init__(self, features: DeploymentHandle, pbnet: DeploymentHandle, a2v: DeploymentHandle):
+        self.features, self.pbnet, self.a2v = features, pbnet, a2v
+
+    async def resolution(self) -> int:
+        return await self.a2v.resolution.remote()
+
+    async def prepare(self, *args) -> PreparedRender:
+        return await self.features.prepare.remote(*args)
+
+    async def audio_features(self, waveform: np.ndarray) -> np.ndarray:
+        return await self.features.audio_features.remote(waveform)
+
+    async def sample_motion(self, portrait: Portrait, hubert: np.ndarray, seed: int) -> Motion:
+        return await self.pbnet.sample_motion.remote(portrait, hubert, seed)
+
+    async def motion_from_video(self, frames: np.ndarray, num_frames: int) -> Motion:
+        return await self.features.motion_from_video.remote(frames, num_frames)
+
+    async def render_frames(self, request: FramesRequest) -> np.ndarray:
+        return await self.a2v.render.remote(request)
+
+
+api = FastAPI(title="dawn", version="1",
+              description="DAWN talking-head rendering: portrait + speech in, mp4 out (all frames in one "
+                          "diffusion pass).")
+
+
+@api.exception_handler(DawnError)
+async def _dawn_error(request: Request, error: DawnError) -> JSONResponse:
+    body, headers = error_body(error)
+    return JSONResponse(body, status_code=error_status(error), headers=headers)
+
+
+async def _read(upload: UploadFile | None, field: str, limits: ServeLimits) -> Upload | None:
+    """An uploaded file's bytes, read no further than the size limit (+1 byte, to tell it was over)."""
+    if upload is None:
+        return None
+    data = await upload.read(limits.max_upload_bytes + 1)
+    return Upload(field=field, filename=upload.filename or field, data=data)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.ingress(api)
+class DawnAPI:
+    def __init__(self, features: DeploymentHandle, pbnet: DeploymentHandle, a2v: DeploymentHandle,
+                 output: str, limits: dict):
+        self.service = RenderService(HandleStages(features, pbnet, a2v), output, ServeLimits(**limits))
+
+    @api.post("/v1/renders", status_code=202, summary="Start a render (multipart: portrait, audio, ...)")
+    async def create_render(self, portrait: UploadFile = File(..., description="portrait image"),
+                            audio: UploadFile = File(..., description="speech (any audio or video file)"),
+                            pose_video: UploadFile | None = File(None, description="take head pose from this video"),
+                            seed: int | None = Form(None), steps: int | None = Form(None)) -> dict:
+        limits = self.service.limits
+        job = await self.service.submit(await _read(portrait, "portrait", limits), await _read(audio, "audio", limits),
+                                        await _read(pose_video, "pose_video", limits), seed=seed, steps=steps)
+        return {"id": job.id, "status": job.status, "status_url": f"/v1/renders/{job.id}",
+                "video_url": f"/v1/renders/{job.id}/video"}
+
+    @api.get("/v1/renders/{render_id}", summary="Status: queued / running / done / failed, progress, error")
+    async def get_render(self, render_id: str) -> dict:
+        return self.service.status(render_id).to_dict()
+
+    @api.get("/v1/renders/{render_id}/video", summary="The rendered mp4 (409 until done)",
+             response_class=FileResponse)
+    async def get_video(self, render_id: str) -> FileResponse:
+        return FileResponse(self.service.video_path(render_id), media_type="video/mp4",
+                            filename=f"{render_id}.mp4")
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return self.service.health()
+
+
+# ---- application builder -------------------------------------------------------------------------
+
+def _options(args: dict, stage: str) -> dict:
+    """Deployment options from `<stage>_replicas`, `<stage>_cpus`, `<stage>_gpus` (replicas only when given,
+    so that a config's autoscaling_config is not contradicted)."""
+    options = {"ray_actor_options": {"num_cpus": float(args.get(f"{stage}_cpus", 1)),
+                                     "num_gpus": float(args.get(f"{stage}_gpus", 0))}}
+    if f"{stage}_replicas" in args:
+        options["num_replicas"] = int(args[f"{stage}_replicas"])
+    return options
+
+
+def build_app(args: dict) -> serve.Application:
+    """The application for `serve run serve.app:build_app checkpoints=DIR [key=value ...]` / serve deploy.
+
+    args: checkpoints (required), hubert, output (default ./renders), device (auto|cpu|cuda), dtype,
+    max_batch_size, batch_wait_s, <stage>_replicas / <stage>_cpus / <stage>_gpus for stage in features,
+    pbnet, a2v (a replica count set in a config's `deployments:` section wins), ingress_cpus, and the
+    ServeLimits fields (max_upload_bytes, max_audio_seconds, max_active_renders, max_queued_renders,
+    max_steps, default_steps, retry_after_s).
+    """
+    if "checkpoints" not in args:
+        raise DawnError("build_app needs checkpoints=DIR (a dawn checkpoint directory)")
+    checkpoints = str(Path(args["checkpoints"]).resolve())
+    if not Path(checkpoints).is_dir():
+        raise DawnError(f"checkpoint directory not found: {checkpoints}")
+    hubert = str(Path(args["hubert"]).resolve()) if args.get("hubert") else None
+    output = str(Path(args.get("output", "renders")).resolve())
+    device, dtype = args.get("device", "auto"), args.get("dtype", "fp32")
+    limits = ServeLimits.from_args(args)  # checked here, so a bad limit fails `serve run` at once
+
+    features = Features.options(**_options(args, "features")).bind(checkpoints, hubert, device)
+    pbnet = PBNet.options(**_options(args, "pbnet")).bind(checkpoints, device, dtype)
+    a2v = A2VFDM.options(**_options(args, "a2v")).bind(
+        checkpoints, device, dtype, int(args.get("max_batch_size", 4)), float(args.get("batch_wait_s", 0.05)))
+    ingress = DawnAPI.options(ray_actor_options={"num_cpus": float(args.get("ingress_cpus", 0.5))})
+    from dataclasses import asdict
+
+    return ingress.bind(features, pbnet, a2v, output, asdict(limits))

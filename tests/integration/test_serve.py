@@ -1,0 +1,185 @@
+"""The Serve app started for real (Ray on 2 CPUs, HTTP on 127.0.0.1, tiny random checkpoints): a render over
+HTTP, a burst of concurrent requests against small queue limits, and bad uploads."""
+
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wav(path: Path, waveform: np.ndarray) -> Path:
+    import soundfile
+
+    soundfile.write(str(path), waveform, 16000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory, speech_wav, astronaut_png):
+    """The fixtures' portrait and speech, a 1 s cut of the speech, 8 s of speech, a blank picture."""
+    import cv2
+
+    from dawn.audio import load_audio
+
+    folder = tmp_path_factory.mktemp("media")
+    speech = load_audio(speech_wav)
+    blank = folder / "blank.png"
+    cv2.imwrite(str(blank), np.full((256, 256, 3), 235, np.uint8))
+    return {"portrait": astronaut_png.read_bytes(), "speech": speech_wav.read_bytes(),
+            "speech_frames": int(len(speech) / 16000 * 25),
+            "short": _wav(folder / "short.wav", speech[8000:24000]).read_bytes(),
+            "long": _wav(folder / "long.wav", np.tile(speech, 4)[: 8 * 16000]).read_bytes(),
+            "blank": blank.read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app on a local Ray with 2 CPUs; yields (base url, output directory)."""
+    import ray
+    from ray import serve
+
+    from dawn.render import init_checkpoints
+
+    folder = tmp_path_factory.mktemp("serve")
+    checkpoints = init_checkpoints(folder / "ckpt", preset="tiny")
+    sys.path.insert(0, str(REPO))
+    from serve.app import build_app
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"checkpoints": str(checkpoints), "output": str(folder / "renders"), "device": "cpu",
+            "features_cpus": 0.25, "pbnet_cpus": 0.25, "a2v_cpus": 0.5, "ingress_cpus": 0.25,
+            "max_active_renders": 2, "max_queued_renders": 0, "max_audio_seconds": 5,
+            "max_upload_bytes": 2_000_000, "default_steps": 2, "max_batch_size": 2, "batch_wait_s": 0.2}
+    serve.run(build_app(args), name="dawn", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}", folder / "renders"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _post(url, portrait, audio, name="speech.wav", **form):
+    import requests
+
+    files = {"portrait": ("portrait.png", portrait, "image/png"), "audio": (name, audio, "audio/wav")}
+    return requests.post(f"{url}/v1/renders", files=files, data={k: str(v) for k, v in form.items()}, timeout=60)
+
+
+def _wait_done(url, render_id, timeout=150):
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = requests.get(f"{url}/v1/renders/{render_id}", timeout=10).json()
+        assert status["status"] in ("queued", "running", "done", "failed")
+        if status["status"] in ("done", "failed"):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"render {render_id} did not finish in {timeout} s: {status}")
+
+
+def test_render_over_http(server, media, tmp_path):
+    import requests
+
+    from dawn.video import probe
+
+    url, renders = server
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+    assert "/v1/renders" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+    assert requests.get(f"{url}/docs", timeout=10).status_code == 200
+
+    response = _post(url, media["portrait"], media["speech"], seed=3, steps=2)
+    assert response.status_code == 202, response.text
+    render_id = response.json()["id"]
+    early = requests.get(f"{url}/v1/renders/{render_id}/video", timeout=10)
+    assert early.status_code == 409 and "not available" in early.json()["error"]
+
+    status = _wait_done(url, render_id)
+    assert status["status"] == "done", status
+    assert status["progress"] == 1.0 and status["frames"] == media["speech_frames"] and status["seed"] == 3
+    video = requests.get(f"{url}/v1/renders/{render_id}/video", timeout=30)
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    path = tmp_path / "render.mp4"
+    path.write_bytes(video.content)
+    info = probe(path)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["has_audio"]
+    assert info["frames"] == media["speech_frames"] and (info["width"], info["height"]) == (64, 64)
+    assert (renders / f"{render_id}.mp4").is_file() and (renders / f"{render_id}.json").is_file()
+
+    for missing in (f"{url}/v1/renders/{'0' * 32}", f"{url}/v1/renders/{'0' * 32}/video"):
+        assert requests.get(missing, timeout=10).status_code == 404
+
+
+def test_concurrent_requests_finish_or_get_503(server, media):
+    url, _ = server
+
+    def attempt(seed):
+        return _post(url, media["portrait"], media["short"], seed=seed, steps=2)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(attempt, range(8)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {202, 503}, [(r.status_code, r.text) for r in responses]
+    accepted = [r.json()["id"] for r in responses if r.status_code == 202]
+    busy = [r for r in responses if r.status_code == 503]
+    assert accepted and busy, codes  # 2 render slots, no queue: a burst of 8 cannot all be admitted
+    for r in busy:
+        assert int(r.headers["Retry-After"]) >= 1 and "queue is full" in r.json()["error"]
+    assert len(set(accepted)) == len(accepted)
+    for render_id in accepted:
+        status = _wait_done(url, render_id)
+        assert status["status"] == "done" and status["frames"] == 25, status
+
+
+@pytest.mark.parametrize("case, status, reason", [
+    ("not an image", 422, "portrait upload: cannot read the image portrait.png"),
+    ("no face", 422, "no face found"),
+    ("not audio", 422, "audio upload: cannot decode audio from speech.wav"),
+    ("empty audio", 400, "audio upload 'speech.wav' is empty"),
+    ("too long", 422, "the limit is 5 s"),
+    ("bad steps", 400, "steps must be between"),
+])
+def test_bad_uploads_get_4xx_with_the_reason(server, media, case, status, reason):
+    url, _ = server
+    portrait, audio, form = media["portrait"], media["short"], {}
+    if case == "not an image":
+        portrait = b"GIF89a but not really a picture"
+    elif case == "no face":
+        portrait = media["blank"]
+    elif case == "not audio":
+        audio = b"RIFF\x00\x00\x00\x00WAVEjunk" * 50
+    elif case == "empty audio":
+        audio = b""
+    elif case == "too long":
+        audio = media["long"]
+    elif case == "bad steps":
+        form["steps"] = 0
+    response = _post(url, portrait, audio, **form)
+    assert response.status_code == status, response.text
+    assert reason in response.json()["error"]
+
+
+def test_missing_field_is_a_client_error(server, media):
+    import requests
+
+    url, _ = server
+    response = requests.post(f"{url}/v1/renders", files={"portrait": ("p.png", media["portrait"], "image/png")},
+                             timeout=30)
+    assert response.status_code == 422 and "audio" in response.text
