@@ -507,6 +507,8 @@ def speech_track(rng: np.random.Generator, seconds: float, workdir: Path) -> dic
         if pieces:  # a pause between sentences
             pieces.append(np.zeros(int(rng.uniform(0.1, 0.35) * SAMPLE_RATE), dtype=np.float32))
             total += len(pieces[-1])
+            if total >= wanted:
+                break
         sentence = SENTENCES[order[len(spoken) % len(order)]]
         audio = speak(sentence)
         missing = wanted - total
