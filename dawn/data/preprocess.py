@@ -180,19 +180,19 @@ def preprocess_video(path: str | Path, resolution: int, hubert_extractor, *, vid
 
     hubert_extractor: `dawn.audio.HubertFeatureExtractor` (or any callable waveform16k (N,) -> (N/640, 1024)).
     video_id / identity default to make_video_id(path) / the parent folder's name. timings: if given, CPU
-    seconds per stage ("decode", "audio", "face") are added to it. Raises PreprocessError(stage, message).
+    seconds per stage ("decode", "audio" = load + HuBERT, "face", "write" = row encoding) are added to it. Raises PreprocessError(stage, message).
     """
     path = Path(path)
     video_id = video_id or make_video_id(str(path))
     identity = identity or path.parent.name
-    with _cpu_timer(timings, "decode"):
+    with cpu_timer(timings, "decode"):
         reader, source_fps = _open_video(path)
         indices = resample_indices(len(reader), source_fps)
-    with _cpu_timer(timings, "audio"):
+    with cpu_timer(timings, "audio"):
         waveform = _load_audio(path)
-    with _cpu_timer(timings, "face"):
+    with cpu_timer(timings, "face"):
         box = _fixed_crop_box(reader, path)
-    with _cpu_timer(timings, "audio"):
+    with cpu_timer(timings, "audio"):
         hubert = _hubert_features(hubert_extractor, waveform, path)
     num_frames = min(len(indices), len(hubert))
     if num_frames < MIN_SECONDS * FPS:
@@ -200,18 +200,18 @@ def preprocess_video(path: str | Path, resolution: int, hubert_extractor, *, vid
                                           f"(at least {MIN_SECONDS:g} s needed)")
     frames, measures = _crop_and_measure(reader, indices[:num_frames], box, resolution, path, timings)
     measures = _fill_missing_faces(measures, max_missing_face, path)
-    rows = []
-    for segment, (start, end) in enumerate(segment_bounds(num_frames, segment_frames)):
-        rows.append(encode_segment({
+    with cpu_timer(timings, "write"):
+        return [encode_segment({
             "video_id": video_id, "identity": identity, "split": split, "source_path": str(path),
             "segment": segment, "start_frame": start, "num_frames": end - start, "resolution": resolution,
             "frames": frames[start:end], "audio": waveform[start * SAMPLES_PER_FRAME:end * SAMPLES_PER_FRAME],
-            "hubert": hubert[start:end], **{name: values[start:end] for name, values in measures.items()}}))
-    return rows
+            "hubert": hubert[start:end], **{name: values[start:end] for name, values in measures.items()}})
+            for segment, (start, end) in enumerate(segment_bounds(num_frames, segment_frames))]
 
 
 @contextmanager
-def _cpu_timer(timings: dict | None, stage: str):
+def cpu_timer(timings: dict | None, stage: str):
+    """Add the process CPU seconds spent inside the block to timings[stage] (no-op when timings is None)."""
     started = time.process_time()
     try:
         yield
@@ -294,12 +294,12 @@ def _crop_and_measure(reader, indices: np.ndarray, box, resolution: int, path: P
     parts = []
     for start in range(0, len(indices), ANALYSIS_CHUNK):
         chunk = indices[start:start + ANALYSIS_CHUNK]
-        with _cpu_timer(timings, "decode"):
+        with cpu_timer(timings, "decode"):
             crops = np.concatenate([crop_and_resize(_get_frames(reader, chunk[i:i + DECODE_CHUNK], path), box,
                                                     analysis_size) for i in range(0, len(chunk), DECODE_CHUNK)])
             frames[start:start + len(chunk)] = (crops if analysis_size == resolution else
                                                 crop_and_resize(crops, (0, 0, analysis_size, analysis_size), resolution))
-        with _cpu_timer(timings, "face"):
+        with cpu_timer(timings, "face"):
             parts.append(_measure_faces(crops))
     measures = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     for name in ("face_box", "lip_box"):  # analysis-crop pixels -> S-crop pixels
