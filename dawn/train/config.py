@@ -171,3 +171,79 @@ def deepspeed_config(config: TrainConfig, on_gpu: bool) -> dict:
     ds["gradient_accumulation_steps"] = config.grad_accum
     ds.pop("train_batch_size", None)
     return ds
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command-line flags shared by jobs/train_lfg.py, jobs/train_pbnet.py and jobs/train_a2v.py
+
+
+def add_arguments(parser, model_flags: tuple[str, ...] = ()) -> None:
+    """Add the training flags to an argparse parser. model_flags: extra flags of one job, any of
+    "stage", "lfg", "vgg19"."""
+    defaults = TrainConfig(model="lfg", data="")
+    add = parser.add_argument
+    add("--data", required=True, help="preprocessed shards folder (jobs/preprocess.py output)")
+    add("--preset", default=defaults.preset, choices=PRESETS, help="network shapes")
+    if "stage" in model_flags:
+        add("--stage", type=int, default=1, choices=(1, 2), help="curriculum stage (paper §3.5)")
+    if "lfg" in model_flags:
+        add("--lfg", required=True, help="dawn checkpoint folder with the trained LFG (lfg.json/.safetensors)")
+    if "vgg19" in model_flags:
+        add("--vgg19", default=None, help="torchvision vgg19 weights (.pth/.safetensors) for the perceptual loss")
+    add("--init-from", default=None, help="dawn checkpoint folder to start from (A2V stage 2: the stage-1 export)")
+    add("--storage-path", default=defaults.storage_path, help="Ray Train storage (checkpoints, default MLflow store)")
+    add("--run-name", default=None, help="run folder name; rerun with the same name to resume")
+    add("--export-dir", default=None, help="where the dawn checkpoint goes (default <storage>/<run>/export)")
+    add("--mlflow-uri", default=None, help="MLflow tracking URI (default sqlite:///<storage>/mlflow.db)")
+    add("--experiment", default=defaults.experiment, help="MLflow experiment name")
+    add("--deepspeed-config", default=None, help="full DeepSpeed JSON config (optimizer/scheduler not allowed)")
+    add("--zero-stage", type=int, default=defaults.zero_stage, choices=(0, 1, 2, 3))
+    add("--dtype", default=defaults.dtype, choices=DTYPES, help="auto: bf16 autocast on GPU, fp32 on CPU")
+    add("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    add("--batch-size", type=int, default=defaults.batch_size, help="per worker and micro-step")
+    add("--grad-accum", type=int, default=defaults.grad_accum, help="gradient accumulation micro-steps")
+    add("--grad-clip", type=float, default=defaults.grad_clip, help="gradient norm clipping (0: off)")
+    add("--lr", type=float, default=defaults.lr)
+    add("--lr-schedule", default=defaults.lr_schedule, choices=LR_SCHEDULES)
+    add("--warmup-steps", type=int, default=defaults.warmup_steps)
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    add("--log-every", type=int, default=defaults.log_every)
+    add("--sample-every", type=int, default=defaults.sample_every, help="MLflow sample artifact period (0: never)")
+    add("--num-workers", type=int, default=defaults.num_workers, help="Ray Train workers (one GPU each with --use-gpu)")
+    add("--use-gpu", action="store_true")
+    add("--seed", type=int, default=defaults.seed)
+    add("--max-minutes", type=float, default=None, help="time budget; stops with a checkpoint and an export")
+    add("--max-failures", type=int, default=defaults.max_failures, help="worker-group restarts from the last checkpoint")
+    add("--samples-per-row", type=int, default=defaults.samples_per_row, help="samples per shard segment and pass")
+    add("--overfit-batches", type=int, default=0, help="train on the first N batches only (smoke tests)")
+    add("--options", default="{}", help='objective options as JSON, e.g. \'{"w_lip": 1.0}\'')
+    add("--model-overrides", default="{}", help="network config fields as JSON, e.g. '{\"dim\": 32}'")
+    add("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    add("--num-cpus", type=int, default=None, help="CPUs of the local Ray (local runs only)")
+
+
+def from_arguments(args, model: str) -> TrainConfig:
+    """TrainConfig from the flags of `add_arguments`."""
+    def as_json(flag: str, text: str) -> dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DawnError(f"--{flag} is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise DawnError(f"--{flag} must be a JSON object")
+        return value
+
+    return TrainConfig(
+        model=model, data=args.data, preset=args.preset, stage=getattr(args, "stage", 1),
+        storage_path=args.storage_path, run_name=args.run_name, mlflow_uri=args.mlflow_uri,
+        experiment=args.experiment, export_dir=args.export_dir, deepspeed_config=args.deepspeed_config,
+        zero_stage=args.zero_stage, dtype=args.dtype, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, sample_every=args.sample_every, num_workers=args.num_workers,
+        use_gpu=args.use_gpu, seed=args.seed, max_minutes=args.max_minutes, max_failures=args.max_failures,
+        init_from=args.init_from, lfg=getattr(args, "lfg", None), vgg19=getattr(args, "vgg19", None),
+        samples_per_row=args.samples_per_row, overfit_batches=args.overfit_batches,
+        objective_options=as_json("options", args.options), model_overrides=as_json("model-overrides", args.model_overrides),
+    )

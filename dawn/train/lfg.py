@@ -237,7 +237,8 @@ class LFGObjective(Objective):
     def equivariance(self, driving: torch.Tensor, regions: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """MRAA equivariance of the region predictor under a random TPS warp of the driving frame."""
         o = self.options
-        transform = RandomTPS(driving.shape[0], o.sigma_affine, o.sigma_tps, o.points_tps, driving.device)
+        transform = RandomTPS(driving.shape[0], o.sigma_affine, o.sigma_tps, o.points_tps, driving.device,
+                              generator=self.noise_generator("cpu"))
         warped_regions = self.lfg.region_predictor(transform.warp_image(driving))
         mapped_shift = transform(warped_regions["shift"])
         shift_loss = (regions["shift"] - mapped_shift).abs().mean()

@@ -41,6 +41,14 @@ class Objective:
         """Decoded shard rows -> training batches (dicts of CPU tensors), one pass over `rows`."""
         raise NotImplementedError
 
+    def noise_generator(self, device: torch.device | str | None = None) -> torch.Generator | None:
+        """Random source of the loss's own draws (diffusion step and noise, TPS warp, condition dropout):
+        None (the global RNG) normally; with overfit_batches a generator reseeded on every call, so a
+        fixed batch also gets fixed noise and its loss can only go down by learning."""
+        if not self.config.overfit_batches:
+            return None
+        return torch.Generator(device or self.device).manual_seed(self.config.seed)
+
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
