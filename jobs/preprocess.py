@@ -4,6 +4,8 @@ On a cluster:  ray job submit --working-dir . -- python jobs/preprocess.py --inp
                    --output SHARDS --resolution 128 --hubert HUBERT_DIR
 Locally:       python jobs/preprocess.py --input corpus/ --output shards/ --hubert ckpt/hubert --num-cpus 2
 (under `ray job submit` RAY_ADDRESS is set and the job joins that cluster; otherwise a local Ray starts).
+Under `ray job submit` the script runs in a copy of the working dir: give absolute paths that every node
+sees (shared filesystem), or the shards land in that temporary copy.
 """
 
 import argparse

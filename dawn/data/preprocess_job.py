@@ -30,6 +30,7 @@ from dawn.data.preprocess import (MAX_MISSING_FACE, SEGMENT_FRAMES, PreprocessEr
 FAILURES_SCHEMA = pa.schema([("video_id", pa.string()), ("path", pa.string()), ("stage", pa.string()),
                              ("reason", pa.string())])
 RESULT_FIELDS = ("video_id", "status", "frames", "stage", "reason", "seconds")
+WORKER_CRASH_RETRIES = 1  # a video whose worker process dies is tried again this many times, then recorded
 
 
 @dataclass
@@ -174,19 +175,33 @@ def _run_actors(todo: list[VideoItem], output: Path, hubert_dir: Path, settings:
     (output / "shards").mkdir(parents=True, exist_ok=True)
     items = [{"video_id": v.video_id, "path": v.path, "identity": v.identity,
               "split": assign_split(v.identity, settings.test_fraction, settings.seed)} for v in todo]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        VideoPreprocessor, batch_size=1, batch_format="numpy", num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-        num_gpus=gpu_share or None,
-        fn_constructor_kwargs={"output": str(output.resolve()), "hubert_dir": str(hubert_dir.resolve()),
-                               "settings": asdict(settings), "device": "cuda" if gpu_share else "cpu"})
-    results = []
-    for row in dataset.iter_rows():
-        result = {name: row[name].item() if hasattr(row[name], "item") else row[name] for name in RESULT_FIELDS}
-        results.append(result)
-        detail = f"{result['frames']} frames" if result["status"] == "ok" else f"{result['stage']}: {result['reason']}"
-        log(f"  [{len(results)}/{len(todo)}] {result['video_id']} {result['status']} ({detail}, "
-            f"{result['seconds']:.1f} s)")
+    context = ray.data.DataContext.get_current()
+    tolerated = context.max_errored_blocks
+    context.max_errored_blocks = -1  # one block per video: a worker that dies loses that video only
+    try:
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            VideoPreprocessor, batch_size=1, batch_format="numpy", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+            num_gpus=gpu_share or None, max_task_retries=WORKER_CRASH_RETRIES,
+            fn_constructor_kwargs={"output": str(output.resolve()), "hubert_dir": str(hubert_dir.resolve()),
+                                   "settings": asdict(settings), "device": "cuda" if gpu_share else "cpu"})
+        results = []
+        for row in dataset.iter_rows():
+            result = {name: row[name].item() if hasattr(row[name], "item") else row[name] for name in RESULT_FIELDS}
+            results.append(result)
+            detail = (f"{result['frames']} frames" if result["status"] == "ok"
+                      else f"{result['stage']}: {result['reason']}")
+            log(f"  [{len(results)}/{len(todo)}] {result['video_id']} {result['status']} ({detail}, "
+                f"{result['seconds']:.1f} s)")
+    finally:
+        context.max_errored_blocks = tolerated
+    reported = {r["video_id"] for r in results}
+    for item in items:  # the worker process died on these (out of memory, a crash in native code)
+        if item["video_id"] not in reported:
+            results.append({"video_id": item["video_id"], "status": "failed", "frames": 0, "stage": "error",
+                            "reason": f"{item['path']}: the worker process died while preprocessing it "
+                                      f"({WORKER_CRASH_RETRIES + 1} attempts; out of memory or a native crash)",
+                            "seconds": 0.0})
     return results
 
 
