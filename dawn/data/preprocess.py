@@ -44,6 +44,8 @@ class PreprocessError(DawnError):
     """A video that cannot be used. `stage` is one of FAILURE_STAGES; the message says why."""
 
     def __init__(self, stage: str, message: str):
+        if stage not in FAILURE_STAGES:
+            raise ValueError(f"unknown preprocessing stage {stage!r}")
         super().__init__(message)
         self.stage = stage
 
@@ -180,7 +182,8 @@ def preprocess_video(path: str | Path, resolution: int, hubert_extractor, *, vid
 
     hubert_extractor: `dawn.audio.HubertFeatureExtractor` (or any callable waveform16k (N,) -> (N/640, 1024)).
     video_id / identity default to make_video_id(path) / the parent folder's name. timings: if given, CPU
-    seconds per stage ("decode", "audio" = load + HuBERT, "face", "write" = row encoding) are added to it. Raises PreprocessError(stage, message).
+    seconds per stage ("decode", "audio" = load + HuBERT, "face", "write" = row encoding) are added to it.
+    Raises PreprocessError(stage, message).
     """
     path = Path(path)
     video_id = video_id or make_video_id(str(path))

@@ -92,3 +92,19 @@ def test_write_shard_is_atomic_and_readable(tmp_path):
         write_shard([{"video_id": 1}], tmp_path / "shards" / "bad.parquet")
     assert not (tmp_path / "shards" / "bad.parquet").exists()
     assert sorted(p.name for p in path.parent.iterdir()) == ["v0.parquet"]
+
+
+@pytest.mark.parametrize("fps, side, frames, stage", [(5, 96, 20, "fps"), (25, 48, 50, "size"),
+                                                       (25, 96, 12, "duration")])
+def test_preprocess_video_rejects_odd_videos(tmp_path, fps, side, frames, stage):
+    from dawn.data.preprocess import PreprocessError, preprocess_video
+    from dawn.video import write_mp4
+
+    path = write_mp4(tmp_path / "odd.mp4", np.zeros((frames, side, side, 3), np.uint8), fps=fps,
+                     audio=np.zeros(16000 * frames // fps, np.float32))
+    with pytest.raises(PreprocessError, match=str(path)) as caught:
+        preprocess_video(path, 64, hubert_extractor=None)
+    assert caught.value.stage == stage
+    with pytest.raises(PreprocessError) as caught:
+        preprocess_video(tmp_path / "missing.mp4", 64, hubert_extractor=None)
+    assert caught.value.stage == "decode"
