@@ -110,39 +110,33 @@ def local_attention(
 ) -> torch.Tensor:
     """Attention of q (B, h, T, d) over k, v where |key frame - query frame| <= window.
 
-    Sequences split into query blocks of `block` frames (default: the window); each block attends to
-    its own frames plus `window` frames on each side, so memory is O(T * (block + 2 * window)).
-    `bias_fn(rel)` gives the additive per-head bias for relative offsets rel = j - i.
+    Queries are taken in blocks of `block` frames (default: the window, at least 16); a block
+    attends to the contiguous key range it can see (its frames plus `window` on each side), a view of
+    k and v, so memory is O(T * (block + 2 * window)) and nothing is copied. Masks are 4-D so that
+    scaled_dot_product_attention can use its fused kernels. `bias_fn(rel)` gives the additive
+    per-head bias for relative offsets rel = j - i.
     """
     t = q.shape[-2]
     block = block or max(window or 0, 16)
     if window is None or t <= block + 2 * window:
-        bias = full_attention_bias(t, bias_fn, window, q.device, q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        bias = None if bias_fn is None and window is None else full_attention_bias(t, bias_fn, window, q.device, q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_as_mask(bias, q))
 
-    n_blocks = -(-t // block)
-    span = block + 2 * window
-    pad_end = n_blocks * block - t
-    # Keys/values padded by `window` frames in front and `window + pad_end` behind, then cut into
-    # overlapping spans: span i covers padded frames [i*block, i*block + span).
-    def spans(x):
-        x = F.pad(x, (0, 0, window, window + pad_end))
-        return x.unfold(-2, span, block).transpose(-1, -2)  # (B, h, n_blocks, span, d)
+    out = torch.empty_like(q)
+    for start in range(0, t, block):
+        stop = min(start + block, t)
+        lo, hi = max(0, start - window), min(t, stop + window)
+        rel = torch.arange(lo, hi, device=q.device)[None, :] - torch.arange(start, stop, device=q.device)[:, None]
+        bias = bias_fn(rel).to(q.dtype) if bias_fn is not None else q.new_zeros(1, *rel.shape)
+        bias = bias.masked_fill((rel.abs() > window)[None], float("-inf"))
+        out[..., start:stop, :] = F.scaled_dot_product_attention(
+            q[..., start:stop, :], k[..., lo:hi, :], v[..., lo:hi, :], attn_mask=_as_mask(bias, q)
+        )
+    return out
 
-    kb, vb = spans(k), spans(v)
-    qb = F.pad(q, (0, 0, 0, pad_end)).unflatten(-2, (n_blocks, block))  # (B, h, n_blocks, block, d)
 
-    # Relative offset of key slot s to query slot a is s - window - a: the same for every block.
-    a = torch.arange(block, device=q.device)
-    s = torch.arange(span, device=q.device)
-    rel = s[None, :] - window - a[:, None]  # (block, span)
-    if bias_fn is not None:
-        bias = bias_fn(rel).to(q.dtype)[:, None]  # (h, 1, block, span)
-    else:
-        bias = torch.zeros(1, 1, block, span, device=q.device, dtype=q.dtype)
-    # Key frame index j = i*block + s - window must lie in [0, T); query slots past T are padding.
-    j = torch.arange(n_blocks, device=q.device)[:, None] * block + s[None, :] - window  # (n_blocks, span)
-    invalid = (rel.abs() > window)[None] | ((j < 0) | (j >= t))[:, None, :]  # (n_blocks, block, span)
-    bias = bias.masked_fill(invalid[None], float("-inf"))
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias)
-    return out.flatten(-3, -2)[..., :t, :]
+def _as_mask(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """A (heads or 1, Tq, Tk) bias as a mask with q's number of dimensions (fused kernels need 4-D)."""
+    if bias is None:
+        return None
+    return bias.reshape((1,) * (q.ndim - bias.ndim) + tuple(bias.shape))

@@ -1,0 +1,605 @@
+"""A2V-FDM denoiser: the conditional 3D U-Net of DAWN (paper §3.3, §3.6; ARCHITECTURE.md §3, §4.1-4.5).
+
+Given the noisy motion x_t (B, 3, T, L, L) (flow x, flow y, 2*occlusion-1), the diffusion step t (B,),
+the source features (B, C+16, L, L) (LFG source latent z_src + the face-box mask embedding) and the
+per-frame condition (B, T, 1032) = [HuBERT 1024, pose delta 6, eye delta 2], it predicts the noise eps
+(B, 3, T, L, L). Outputs 0-1 come from the flow head, output 2 from the occlusion head.
+
+Built for long renders (200+ frames, 20 DDIM steps) on CPUs:
+- Everything that depends neither on x_t nor on t is computed once per render by `prepare`: the
+  source part of the (linear) input convolution, the condition MLPs and the cross-attention keys and
+  values of every block, the RoPE angles. `forward_prepared` runs one denoising step from that.
+- Temporal attention is local (|i - j| <= window, §3.6) through `local_attention`: memory linear in T.
+  Sequences (one per spatial position) are processed in chunks to bound the working set.
+- Activations stay (B, C, T, H, W) in channels_last_3d memory: per-frame (1, k, k) convolutions are
+  2D convolutions on a free (B*T, C, H, W) view, token-wise layers read a free (B, T, H, W, C) view.
+- Cross-attention to the two keys [null, this frame's condition] is the closed form of a 2-way
+  softmax: attn(cond) = sigmoid(logit_cond - logit_null).
+
+State-dict names differ from the reference only by wrapper levels; `dawn.adapters.a2v` maps them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dawn.models.attention import RelativePositionBias, RotaryEmbedding, full_attention_bias, local_attention
+from dawn.models.diffusion import CosineSchedule
+
+# Temporal attention handles at most this many (sequence x frame) tokens at once (12 MB of q/k/v in
+# float32, cache-sized): long renders then need no more memory per layer than a short clip.
+TEMPORAL_TOKENS_PER_CHUNK = 2**12
+
+
+@dataclass
+class A2VConfig:
+    image_size: int = 128  # S; the latent side is L = S / 4
+    dim: int = 64
+    dim_mults: tuple[int, ...] = (1, 2, 4, 8)
+    source_channels: int = 256  # LFG source latent channels (its bottleneck width; 32 for the tiny LFG)
+    face_channels: int = 16  # face-box mask embedding channels (§3 step 2)
+    motion_channels: int = 3  # flow x, flow y, 2*occlusion-1
+    cond_audio: int = 1024
+    cond_pose: int = 6
+    cond_eye: int = 2
+    heads: int = 8  # temporal / spatial attention
+    dim_head: int = 32
+    cross_heads: int = 8  # condition cross-attention (§4.3)
+    cross_dim_head: int = 8
+    cross_scale: float = 8.0
+    init_kernel: int = 7
+    groups: int = 8
+    rel_pos_buckets: int = 32
+    rel_pos_max_distance: int = 32
+    timesteps: int = 1000
+    window: int | None = 40  # temporal local-attention half width; None = full attention (training)
+    reference_bbox_convention: bool = False  # ARCHITECTURE.md §9.2: True reproduces x/H, y/W
+    cross_attn_norm_eps: float | None = None  # None: 1e-5 for float32, else 1e-3 (reference rule, §6)
+    reference_mode: bool = False  # benchmarks only: temporal attention with the reference's T x T mask
+
+    def __post_init__(self):
+        self.dim_mults = tuple(self.dim_mults)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 4
+
+    @property
+    def in_channels(self) -> int:
+        return self.motion_channels + self.source_channels + self.face_channels
+
+    @property
+    def cond_dim(self) -> int:
+        return self.cond_audio + self.cond_pose + self.cond_eye
+
+    @classmethod
+    def preset(cls, name: str) -> "A2VConfig":
+        presets = {
+            "tiny": dict(image_size=64, dim=16, dim_mults=(1, 2), source_channels=32),
+            "hdtf128": dict(image_size=128),
+            "hdtf256": dict(image_size=256),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown A2V preset {name!r} (known: {sorted(presets)})")
+        return cls(**presets[name])
+
+
+# --- layout helpers --------------------------------------------------------------------------------
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, T, H, W, C); a view when x is channels_last_3d."""
+    return x.permute(0, 2, 3, 4, 1)
+
+
+def from_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, C) -> (B, C, T, H, W); channels_last_3d when tokens are contiguous."""
+    return tokens.permute(0, 4, 1, 2, 3)
+
+
+def per_frame(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D layer to every frame of x (B, C, T, H, W): a (1, k, k) 3D convolution."""
+    b, c, t, h, w = x.shape
+    y = layer(x.transpose(1, 2).reshape(b * t, c, h, w))
+    return y.view(b, t, *y.shape[1:]).transpose(1, 2)
+
+
+# --- building blocks -------------------------------------------------------------------------------
+
+class ChannelLayerNorm(nn.Module):
+    """LN_c: normalisation over channels, gain only, eps 1e-5 (the PreNorm of §4.4/4.5). Token layout."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(tokens, tokens.shape[-1:], self.gamma, None, 1e-5)
+
+
+class GainLayerNorm(nn.Module):
+    """Gain-only LayerNorm of the cross-attention (§4.3); its eps is chosen by the caller."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(dim))
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    """t (B,) int -> (B, dim): [sin(t f), cos(t f)], f_i = exp(-i ln(10000) / (dim/2 - 1)) (§4.1)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+        args = t[:, None] * freqs[None, :]  # float32 from the integer step, as the reference
+        return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+@dataclass
+class CrossAttentionTerms:
+    """The x_t-independent part of a block's three cross-attentions (audio, pose, eye; a = 0, 1, 2).
+
+    Per token, head h of attention a puts weight s_ah = sigmoid(<q_ah, w_ah> / |q_ah|) on the frame's
+    condition and 1 - s_ah on the null slot, so the attention's to_out output is y_a = V_a0 + sum_h
+    s_ah V_ah (V_a0 = to_out of the null value, V_ah = to_out of head h's value difference). Its
+    gain-only LayerNorm is then exact from c_a = [1, s_a1, ...]: mean and centring are linear in c_a,
+    the variance is c_a^T G_a c_a with the Gram matrix G_a of the centred V_a, so the block's whole
+    conditioning term is one product of per-token coefficients with per-frame vectors.
+    """
+
+    q_weight: torch.Tensor  # (3 * heads * dh, cin): to_q with the input-norm gain folded in
+    logit_query: torch.Tensor  # (B*T, cin, 3 * heads): <q_ah, w_ah> = normed token @ this, per frame
+    gram: torch.Tensor  # (B*T, 3, heads + 1, heads + 1): G_a
+    out_vectors: torch.Tensor  # (B*T, 3 * (heads + 1), cout): centred V_aj times the output-norm gain
+
+
+class CrossAttention(nn.Module):
+    """Cosine cross-attention from every spatial token to [null, this frame's condition] (§4.3).
+
+    Parameters as the reference: q = to_q(LN(x) g); k, v = to_kv(context); the learned `null_kv`
+    row 0 is the null key, row 1 the null value (shared by all heads); q, k L2-normalised, scaled by
+    q_scale / k_scale; logits = scale * q.k; out = LN(to_out(attn v)) g_out (gain-only norms).
+    Softmax over two keys: weight on the condition = sigmoid(logit_cond - logit_null), and
+    logit_cond - logit_null = <q / |q|, w> with w = scale q_scale k_scale (k_cond/|k_cond| -
+    k_null/|k_null|), a per-frame vector. `prepare` returns those x-independent pieces.
+    """
+
+    def __init__(self, dim: int, dim_out: int, context_dim: int, heads: int, dim_head: int, scale: float):
+        super().__init__()
+        self.heads, self.dim_head, self.scale = heads, dim_head, scale
+        inner = heads * dim_head
+        self.norm = GainLayerNorm(dim)
+        self.null_kv = nn.Parameter(torch.randn(2, dim_head))
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
+        self.q_scale = nn.Parameter(torch.ones(dim_head))
+        self.k_scale = nn.Parameter(torch.ones(dim_head))
+        self.to_out = nn.Sequential(nn.Linear(inner, dim_out, bias=False), GainLayerNorm(dim_out))
+
+    def prepare(self, context: torch.Tensor):
+        """context (B, T, context_dim) -> q_weight (h*dh, cin), w (B, T, h, dh), V (B, T, h+1, cout)."""
+        b, t, _ = context.shape
+        k, v = self.to_kv(context).view(b, t, 2, self.heads, self.dim_head).unbind(2)
+        null_k, null_v = self.null_kv.unbind(0)
+        k_cond = F.normalize(k, dim=-1) * self.k_scale
+        k_null = F.normalize(null_k, dim=-1) * self.k_scale
+        w = self.scale * self.q_scale * (k_cond - k_null)
+        out_weight = self.to_out[0].weight.view(-1, self.heads, self.dim_head)  # (cout, h, dh)
+        null_out = (out_weight.sum(1) @ null_v).expand(b, t, 1, -1)
+        values = torch.cat([null_out, torch.einsum("chd,bthd->bthc", out_weight, v - null_v)], dim=2)
+        return self.to_q.weight * self.norm.g, w, values
+
+
+class ConvBlock(nn.Module):
+    """Per-frame conv 3x3 -> GroupNorm over (channels of a group, all frames) -> [scale/shift] -> SiLU."""
+
+    def __init__(self, dim: int, dim_out: int, groups: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim_out, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, dim_out)
+
+    def forward(self, x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None):
+        h = self.norm(per_frame(self.proj, x))
+        if scale_shift is not None:
+            scale, shift = scale_shift  # (B, C, 1, 1, 1) each
+            h = torch.addcmul(shift, h, scale + 1)
+        return F.silu(h)
+
+
+class ResnetBlock(nn.Module):
+    """Residual block with time scale/shift and audio/pose/eye cross-attention conditioning (§4.2).
+
+    h = block1(x, time scale/shift) + sum of the three cross-attentions read from the block INPUT x;
+    out = block2(h) + res_conv(x). An unconditioned block (output heads) has no time or condition
+    input; it still owns the three cross-attentions because the released checkpoints store them,
+    but they are unused by the reference forward and kept frozen here.
+    """
+
+    def __init__(self, config: A2VConfig, dim: int, dim_out: int, conditioned: bool = True):
+        super().__init__()
+        c = config
+        self.conditioned = conditioned
+        self.cross_attn_norm_eps = c.cross_attn_norm_eps
+        if conditioned:
+            time_dim = 4 * c.dim
+            self.time_mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * dim_out))
+            self.audio_mlp = nn.Sequential(nn.SiLU(), nn.Linear(c.cond_audio, 2 * dim_out))
+            self.pose_mlp = nn.Sequential(nn.SiLU(), nn.Linear(c.cond_pose, 2 * dim_out))
+            self.eye_mlp = nn.Sequential(nn.SiLU(), nn.Linear(c.cond_eye, 2 * dim_out))
+        self.cross_attn_aud, self.cross_attn_pose, self.cross_attn_eye = (
+            CrossAttention(dim, dim_out, 2 * dim_out, c.cross_heads, c.cross_dim_head, c.cross_scale) for _ in range(3)
+        )
+        if not conditioned:
+            for attn in (self.cross_attn_aud, self.cross_attn_pose, self.cross_attn_eye):
+                attn.requires_grad_(False)
+        self.block1 = ConvBlock(dim, dim_out, c.groups)
+        self.block2 = ConvBlock(dim_out, dim_out, c.groups)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def prepare(self, cond: torch.Tensor) -> CrossAttentionTerms:
+        """cond (B, T, 1032) -> the block's cross-attention terms (once per render)."""
+        audio, pose, eye = cond.split([self.audio_mlp[1].in_features, self.pose_mlp[1].in_features,
+                                       self.eye_mlp[1].in_features], dim=-1)
+        attns = (self.cross_attn_aud, self.cross_attn_pose, self.cross_attn_eye)
+        parts = [attn.prepare(mlp(c)) for attn, mlp, c in zip(attns, (self.audio_mlp, self.pose_mlp, self.eye_mlp),
+                                                               (audio, pose, eye))]
+        q_weight = torch.cat([p[0] for p in parts])  # (3*h*dh, cin)
+        w = torch.stack([p[1] for p in parts], dim=2)  # (B, T, 3, h, dh)
+        b, t, _, heads, dh = w.shape
+        logit_query = torch.einsum("ahdc,btahd->btcah", q_weight.view(3, heads, dh, -1), w)
+        values = torch.stack([p[2] for p in parts], dim=2)  # (B, T, 3, h+1, cout)
+        centred = values - values.mean(-1, keepdim=True)
+        gram = centred @ centred.transpose(-1, -2) / values.shape[-1]
+        gains = torch.stack([attn.to_out[1].g for attn in attns])[:, None, :]  # (3, 1, cout)
+        return CrossAttentionTerms(q_weight, logit_query.reshape(b * t, -1, 3 * heads),
+                                   gram.reshape(b * t, 3, heads + 1, heads + 1),
+                                   (centred * gains).reshape(b * t, 3 * (heads + 1), -1))
+
+    def cross_attention(self, x: torch.Tensor, terms: CrossAttentionTerms) -> torch.Tensor:
+        """Sum of the audio, pose and eye cross-attentions of x (B, C, T, H, W) -> (B, cout, T, H, W)."""
+        b, c, t, h, w = x.shape
+        eps = self.cross_attn_norm_eps or (1e-5 if x.dtype == torch.float32 else 1e-3)
+        tokens = F.layer_norm(to_tokens(x).reshape(b * t, h * w, c), (c,), eps=eps)  # (B*T, HW, cin)
+        heads = terms.gram.shape[-1] - 1
+        q_norm = torch.linalg.vector_norm((tokens @ terms.q_weight.t()).unflatten(-1, (3 * heads, -1)), dim=-1)
+        attn_cond = torch.sigmoid((tokens @ terms.logit_query) / q_norm.clamp_min(1e-12))  # (B*T, HW, 3*h)
+        coef = F.pad(attn_cond.unflatten(-1, (3, heads)), (1, 0), value=1.0)  # c_a: (B*T, HW, 3, h+1)
+        variance = (torch.einsum("bnai,baij->bnaj", coef, terms.gram) * coef).sum(-1)
+        coef = coef * torch.rsqrt(variance + eps)[..., None]
+        out = coef.flatten(-2) @ terms.out_vectors  # (B*T, HW, cout)
+        return from_tokens(out.view(b, t, h, w, -1))
+
+    def forward(self, x, time_emb=None, terms: CrossAttentionTerms | None = None) -> torch.Tensor:
+        """x (B, cin, T, H, W), time_emb (B, 4*dim) -> (B, cout, T, H, W)."""
+        scale_shift = None
+        if self.conditioned:
+            scale_shift = self.time_mlp(time_emb)[:, :, None, None, None].chunk(2, dim=1)
+        h = self.block1(x, scale_shift)
+        if self.conditioned:
+            h = h + self.cross_attention(x, terms)
+        h = self.block2(h)
+        return h + per_frame(self.res_conv, x)
+
+
+class SpatialLinearAttention(nn.Module):
+    """Residual(PreNorm) linear attention over the H*W positions of each frame (§4.4, levels)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.norm = ChannelLayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        tokens = to_tokens(x).reshape(b * t, h * w, c)
+        qkv = self.to_qkv(self.norm(tokens)).view(b * t, h * w, 3, self.heads, self.dim_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (B*T, heads, HW, dh)
+        q = q.softmax(dim=-1) * self.dim_head**-0.5  # over features
+        k = k.softmax(dim=-2)  # over positions
+        out = q @ (k.transpose(-1, -2) @ v)  # context (dh x dh) = sum over positions of k v^T
+        out = out.transpose(1, 2).reshape(b * t, h * w, -1)
+        return x + from_tokens(self.to_out(out).view(b, t, h, w, c))
+
+
+class SpatialAttention(nn.Module):
+    """Residual(PreNorm) softmax attention over the H*W positions of each frame (§4.4, middle)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.norm = ChannelLayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        tokens = to_tokens(x).reshape(b * t, h * w, c)
+        qkv = self.to_qkv(self.norm(tokens)).view(b * t, h * w, 3, self.heads, self.dim_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B*T, heads, HW, dh)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, h * w, -1)
+        return x + from_tokens(self.to_out(out).view(b, t, h, w, c))
+
+
+class RelativeBiasTable:
+    """bias_fn for sequences of T frames: the relative bias of every offset -(T-1)..T-1 computed once
+    per render (T5 buckets + embedding), then looked up by index. rel (any shape) -> (heads, *shape)."""
+
+    def __init__(self, bias: RelativePositionBias, frames: int, device):
+        self.offset = frames - 1
+        self.table = bias(torch.arange(-self.offset, frames, device=device))  # (heads, 2T - 1)
+
+    def __call__(self, rel: torch.Tensor) -> torch.Tensor:
+        return self.table[:, rel + self.offset]
+
+
+@dataclass
+class TemporalContext:
+    """What every temporal attention of one render shares (§4.5)."""
+
+    rotation: torch.Tensor  # (T, 1, 1, dh/2) complex: exp(i * frame index * RoPE frequency)
+    bias: RelativeBiasTable
+    window: int | None
+    reference_mode: bool
+
+    @classmethod
+    def build(cls, rotary_emb: RotaryEmbedding, bias: RelativePositionBias, frames: int, window, reference_mode,
+              device) -> "TemporalContext":
+        angles = rotary_emb.angles(torch.arange(frames, device=device))[:, 0::2]  # (T, dh/2)
+        rotation = torch.polar(torch.ones_like(angles), angles)[:, None, None, :]
+        return cls(rotation, RelativeBiasTable(bias, frames, device), window, reference_mode)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """RoPE on x (T, n, heads, dh) (§4.5): the interleaved pairs (x_2i, x_2i+1) are complex numbers
+        multiplied by exp(i angle), i.e. x cos + (-x_2i+1, x_2i) sin, as rotary-embedding-torch does."""
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        pairs = torch.view_as_complex(work.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * self.rotation.to(pairs.dtype)).flatten(-2).to(x.dtype)
+
+    @property
+    def frames(self) -> int:
+        return self.rotation.shape[0]
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The reference's formulation, for benchmarks: explicit (..., T, T) logits + bias (window mask
+    included), max-subtracted softmax. Memory O(T^2) per sequence."""
+    sim = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias
+    sim = sim - sim.amax(dim=-1, keepdim=True)
+    return sim.softmax(dim=-1) @ v
+
+
+class TemporalAttention(nn.Module):
+    """Residual(PreNorm) attention across frames at every spatial position, RoPE + relative bias (§4.5).
+
+    Frame i attends to frames |j - i| <= window (`local_attention`, memory linear in T); with
+    `reference_mode` it uses the reference's full T x T logits and window mask instead (benchmarks).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.norm = ChannelLayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        # RoPE frequencies; the same fixed values in every temporal attention (the reference stores
+        # them under each one), applied through the render's TemporalContext
+        self.rotary_emb = RotaryEmbedding(dim_head)
+
+    def attend(self, tokens: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
+        """tokens (T, n, C) of n spatial positions of one sample -> attention output (T, n, C)."""
+        t, n, c = tokens.shape
+        q, k, v = self.to_qkv(self.norm(tokens)).view(t, n, 3, self.heads, self.dim_head).unbind(2)
+        # (T, n, heads, dh) -> (n, heads, T, dh) views: attention reads the frame-major layout as is
+        q, k, v = (y.permute(1, 2, 0, 3) for y in (ctx.rotate(q), ctx.rotate(k), v))
+        if ctx.reference_mode:
+            out = reference_attention(q, k, v, full_attention_bias(t, ctx.bias, ctx.window, q.device, q.dtype))
+        else:
+            out = local_attention(q, k, v, ctx.window, ctx.bias)
+        return self.to_out(out.permute(2, 0, 1, 3).reshape(t, n, -1))
+
+    def forward(self, x: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        tokens = to_tokens(x).reshape(b, t, h * w, c)
+        out = torch.empty_like(tokens)
+        chunk = max(1, TEMPORAL_TOKENS_PER_CHUNK // t)
+        for i in range(b):
+            for start in range(0, h * w, chunk):
+                out[i, :, start:start + chunk] = self.attend(tokens[i, :, start:start + chunk], ctx)
+        return x + from_tokens(out.view(b, t, h, w, c))
+
+
+class Level(nn.Module):
+    """One U-Net resolution: two residual blocks, spatial and temporal attention, then resampling."""
+
+    def __init__(self, config: A2VConfig, dim: int, dim_out: int, resample: nn.Module):
+        super().__init__()
+        self.res1 = ResnetBlock(config, dim, dim_out)
+        self.res2 = ResnetBlock(config, dim_out, dim_out)
+        self.spatial_attn = SpatialLinearAttention(dim_out, config.heads, config.dim_head)
+        self.temporal_attn = TemporalAttention(dim_out, config.heads, config.dim_head)
+        self.resample = resample
+
+    def forward(self, x, time_emb, terms: tuple[CrossAttentionTerms, CrossAttentionTerms], temporal: TemporalContext):
+        """Returns (features before resampling, resampled features)."""
+        x = self.res1(x, time_emb, terms[0])
+        x = self.res2(x, time_emb, terms[1])
+        x = self.temporal_attn(self.spatial_attn(x), temporal)
+        return x, per_frame(self.resample, x)
+
+
+class OutputHead(nn.Module):
+    """Unconditioned residual block then a 1x1 convolution (§4.1 step 9)."""
+
+    def __init__(self, config: A2VConfig, dim: int, dim_hidden: int, dim_out: int):
+        super().__init__()
+        self.res = ResnetBlock(config, dim, dim_hidden, conditioned=False)
+        self.proj = nn.Conv2d(dim_hidden, dim_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return per_frame(self.proj, self.res(x))
+
+
+@dataclass
+class A2VContext:
+    """Everything one render's denoising steps share (`UNet3D.prepare`)."""
+
+    source_init: torch.Tensor  # (B, dim, 1, L, L): input-convolution response to the source features
+    downs: list[tuple[CrossAttentionTerms, CrossAttentionTerms]]
+    mid: tuple[CrossAttentionTerms, CrossAttentionTerms]
+    ups: list[tuple[CrossAttentionTerms, CrossAttentionTerms]]
+    temporal: TemporalContext
+
+    @property
+    def frames(self) -> int:
+        return self.temporal.frames
+
+
+class UNet3D(nn.Module):
+    """The A2V-FDM 3D U-Net (`DynamicNfUnet3D`, ARCHITECTURE.md §4)."""
+
+    def __init__(self, config: A2VConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        dims = [c.dim] + [c.dim * m for m in c.dim_mults]
+        in_out = list(zip(dims[:-1], dims[1:]))
+
+        self.time_rel_pos_bias = RelativePositionBias(c.heads, c.rel_pos_buckets, c.rel_pos_max_distance)
+        self.init_conv = nn.Conv2d(c.in_channels, c.dim, c.init_kernel, padding=c.init_kernel // 2)
+        self.init_temporal_attn = TemporalAttention(c.dim, c.heads, c.dim_head)
+        self.time_mlp = nn.Sequential(SinusoidalTimeEmbedding(c.dim), nn.Linear(c.dim, 4 * c.dim), nn.GELU(),
+                                      nn.Linear(4 * c.dim, 4 * c.dim))
+
+        last = len(in_out) - 1
+        self.downs = nn.ModuleList(
+            Level(c, d_in, d_out, nn.Conv2d(d_out, d_out, 4, 2, 1) if i < last else nn.Identity())
+            for i, (d_in, d_out) in enumerate(in_out)
+        )
+        mid = dims[-1]
+        self.mid_block1 = ResnetBlock(c, mid, mid)
+        self.mid_spatial_attn = SpatialAttention(mid, c.heads, c.dim_head)
+        self.mid_temporal_attn = TemporalAttention(mid, c.heads, c.dim_head)
+        self.mid_block2 = ResnetBlock(c, mid, mid)
+        self.ups = nn.ModuleList(
+            Level(c, 2 * d_out, d_in, nn.ConvTranspose2d(d_in, d_in, 4, 2, 1) if i < last else nn.Identity())
+            for i, (d_in, d_out) in enumerate(reversed(in_out))
+        )
+        self.flow_head = OutputHead(c, 2 * c.dim, c.dim, 2)
+        self.occlusion_head = OutputHead(c, 2 * c.dim, c.dim, 1)
+
+    def prepare(self, source_features: torch.Tensor, cond: torch.Tensor) -> A2VContext:
+        """source_features (B, C+16, L, L), cond (B, T, 1032) -> the render's A2VContext."""
+        c = self.config
+        w = self.init_conv.weight[:, c.motion_channels:]
+        source_init = F.conv2d(source_features, w, self.init_conv.bias, padding=self.init_conv.padding)
+        return A2VContext(
+            source_init=source_init[:, :, None],
+            downs=[(level.res1.prepare(cond), level.res2.prepare(cond)) for level in self.downs],
+            mid=(self.mid_block1.prepare(cond), self.mid_block2.prepare(cond)),
+            ups=[(level.res1.prepare(cond), level.res2.prepare(cond)) for level in self.ups],
+            temporal=TemporalContext.build(self.init_temporal_attn.rotary_emb, self.time_rel_pos_bias, cond.shape[1],
+                                           c.window, c.reference_mode, cond.device),
+        )
+
+    def forward_prepared(self, x_t: torch.Tensor, t: torch.Tensor, ctx: A2VContext) -> torch.Tensor:
+        """x_t (B, 3, T, L, L), t (B,) int -> eps (B, 3, T, L, L) (§4.1)."""
+        if x_t.shape[2] != ctx.frames:
+            raise ValueError(f"x_t has {x_t.shape[2]} frames but the context was prepared for {ctx.frames}")
+        c = self.config
+        x_t = x_t.contiguous(memory_format=torch.channels_last_3d)
+        w = self.init_conv.weight[:, : c.motion_channels]
+        x = per_frame(lambda f: F.conv2d(f, w, padding=self.init_conv.padding), x_t) + ctx.source_init
+        r = x
+        x = self.init_temporal_attn(x, ctx.temporal)
+        time_emb = self.time_mlp(t)
+
+        skips = []
+        for level, terms in zip(self.downs, ctx.downs):
+            skip, x = level(x, time_emb, terms, ctx.temporal)
+            skips.append(skip)
+        x = self.mid_block1(x, time_emb, ctx.mid[0])
+        x = self.mid_temporal_attn(self.mid_spatial_attn(x), ctx.temporal)
+        x = self.mid_block2(x, time_emb, ctx.mid[1])
+        for level, terms in zip(self.ups, ctx.ups):
+            _, x = level(torch.cat([x, skips.pop()], dim=1), time_emb, terms, ctx.temporal)
+
+        x = torch.cat([x, r], dim=1)
+        return torch.cat([self.flow_head(x), self.occlusion_head(x)], dim=1).contiguous()
+
+
+class FaceBoxEncoder(nn.Module):
+    """Face-box mask (B, 1, S, S) -> (B, 16, S/4, S/4): two stride-2 conv 3x3 + ReLU (§3 step 2)."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels // 2, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1)
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(mask))))
+
+
+class A2VFDM(nn.Module):
+    """A2V-FDM: the U-Net denoiser, the face-box encoder (trained and saved here, §9.1) and the schedule.
+
+    Render: feats = source_features(z_src, bbox); denoise = denoiser(feats, cond); then a sampler
+    (dawn.models.diffusion) calls denoise(x_t, t) once per step.
+    """
+
+    config_class = A2VConfig
+
+    def __init__(self, config: A2VConfig):
+        super().__init__()
+        self.config = config
+        self.unet = UNet3D(config)
+        self.face_encoder = FaceBoxEncoder(config.face_channels)
+        self.schedule = CosineSchedule(timesteps=config.timesteps)
+
+    def face_mask(self, bbox: torch.Tensor, size: int) -> torch.Tensor:
+        """bbox (B, 6) [x_min, x_max, y_min, y_max, H, W] in pixels -> (B, 1, size, size) 0/1 mask.
+
+        Box scaled to size x size; left/top truncated, right/bottom = trunc(value + 1), both ends
+        inclusive (§3 step 2). x is scaled by size/W and y by size/H, or with
+        `reference_bbox_convention` by size/H and size/W as the reference does (§9.2).
+        """
+        x_min, x_max, y_min, y_max, h, w = bbox.double().unbind(-1)
+        x_side, y_side = (h, w) if self.config.reference_bbox_convention else (w, h)
+        left, right = (x_min * size / x_side).trunc(), (x_max * size / x_side + 1).trunc()
+        top, bottom = (y_min * size / y_side).trunc(), (y_max * size / y_side + 1).trunc()
+        idx = torch.arange(size, device=bbox.device, dtype=torch.float64)
+        rows = (idx >= top[:, None]) & (idx <= bottom[:, None])
+        cols = (idx >= left[:, None]) & (idx <= right[:, None])
+        return (rows[:, :, None] & cols[:, None, :]).to(torch.float32)[:, None]
+
+    def source_features(self, z_src: torch.Tensor, bbox: torch.Tensor) -> torch.Tensor:
+        """z_src (B, C, L, L) LFG source latent, bbox (B, 6) -> (B, C + 16, L, L) = [z_src, face emb]."""
+        mask = self.face_mask(bbox, 4 * z_src.shape[-1]).to(z_src.dtype)
+        return torch.cat([z_src, self.face_encoder(mask)], dim=1)
+
+    def prepare(self, source_features: torch.Tensor, cond: torch.Tensor) -> A2VContext:
+        """source_features (B, C+16, L, L), cond (B, T, 1032) -> context shared by all steps."""
+        return self.unet.prepare(source_features, cond)
+
+    def forward_prepared(self, x_t: torch.Tensor, t: torch.Tensor, context: A2VContext) -> torch.Tensor:
+        """x_t (B, 3, T, L, L), t (B,) int64 -> eps (B, 3, T, L, L)."""
+        return self.unet.forward_prepared(x_t, t, context)
+
+    def forward(self, x_t, t, source_features, cond) -> torch.Tensor:
+        """x_t (B, 3, T, L, L), t (B,), source_features (B, C+16, L, L), cond (B, T, 1032) -> eps."""
+        return self.forward_prepared(x_t, t, self.prepare(source_features, cond))
+
+    @torch.no_grad()
+    def denoiser(self, source_features: torch.Tensor, cond: torch.Tensor):
+        """For samplers: prepare once, return denoise(x_t, t) -> eps (inference, no gradients)."""
+        context = self.prepare(source_features, cond)
+        return lambda x_t, t: self.forward_prepared(x_t, t, context)

@@ -1,0 +1,251 @@
+"""A2V-FDM denoiser: reference layout, reference vectors, prepared/windowed paths, adapter, checkpoints."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import dawn.models.unet3d as unet3d
+from dawn import DawnError
+from dawn.adapters.a2v import FACE_ENCODER_SEED1234, from_reference, load_official_a2v, to_reference
+from dawn.checkpoint import load_model, save_model
+from dawn.models.unet3d import A2VConfig, A2VFDM
+
+
+@pytest.fixture(scope="module")
+def manifest(reference_dir):
+    return json.loads((reference_dir / "manifest_a2v_128.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def unet_small(reference_dir):
+    tensors = load_file(str(reference_dir / "vectors" / "unet_small.safetensors"))
+    meta = json.loads((reference_dir / "vectors" / "unet_small.json").read_text())
+    return tensors, meta
+
+
+def vector_model(unet_small, **changes) -> A2VFDM:
+    """A2VFDM with the vector's weights: tiny preset at the vector's 32x32 images (8x8 latents)."""
+    tensors, meta = unet_small
+    assert meta["config"]["unet"]["channels"] == 3 + 32 + 16 and meta["config"]["latent_hw"] == 8
+    config = dataclasses.replace(A2VConfig.preset("tiny"), image_size=32, **changes)
+    model = A2VFDM(config)
+    weights = {k: v for k, v in tensors.items() if not k.startswith(("input.", "output."))}
+    model.load_state_dict(from_reference(weights, config))
+    return model.eval()
+
+
+def random_model(preset="tiny", seed=0, **changes) -> A2VFDM:
+    torch.manual_seed(seed)
+    model = A2VFDM(dataclasses.replace(A2VConfig.preset(preset), **changes))
+    with torch.no_grad():  # non-trivial norms and relative bias (fresh modules have ones / zeros)
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma", ".g", "q_scale", "k_scale", "norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def random_inputs(config: A2VConfig, batch=2, frames=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    size = config.latent_size
+    return (torch.randn(batch, 3, frames, size, size, generator=g),
+            torch.randint(0, 1000, (batch,), generator=g),
+            torch.randn(batch, config.source_channels + config.face_channels, size, size, generator=g),
+            torch.randn(batch, frames, config.cond_dim, generator=g))
+
+
+# --- layout ----------------------------------------------------------------------------------------
+
+def test_hdtf128_layout_is_the_reference_manifest(manifest):
+    with torch.device("meta"):
+        model = A2VFDM(A2VConfig.preset("hdtf128"))
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("face_encoder.")}
+    ref = to_reference(ours)
+    expected = {name: tuple(shape) for name, shape, *_ in manifest["entries"]}
+    assert {k: tuple(v.shape) for k, v in ref.items()} == expected
+    # and back: every manifest entry lands on exactly one of our tensors with our shape
+    back = from_reference({k: torch.empty(s, device="meta") for k, s in expected.items()})
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    # the reference counts its one shared RoPE frequency vector (16 values, stored under 10 paths) once
+    params = sum(p.numel() for p in model.unet.parameters())
+    assert params + model.unet.init_temporal_attn.rotary_emb.freqs.numel() == manifest["unet_num_params"] == 49_857_555
+    assert sum(v.numel() for v in ours.values()) == manifest["state_dict_numel"]
+
+
+def test_adapter_is_strict_and_round_trips():
+    model = random_model()
+    ref = to_reference(model.state_dict())
+    assert "face_loc_emb.conv1.weight" in ref and "denoise_fn.init_conv.weight" in ref
+    assert ref["denoise_fn.init_conv.weight"].shape[2] == 1  # Conv3d (out, in, 1, k, k)
+    back = from_reference(ref)
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+    missing = dict(ref)
+    del missing["denoise_fn.mid_block1.block1.proj.bias"]
+    with pytest.raises(DawnError, match="missing.*mid_block1.block1.proj.bias"):
+        from_reference(missing)
+    extra = dict(ref, **{"denoise_fn.extra.weight": torch.zeros(1)})
+    with pytest.raises(DawnError, match="unexpected.*denoise_fn.extra.weight"):
+        from_reference(extra)
+    with pytest.raises(DawnError, match="init_conv"):
+        from_reference({"betas": torch.zeros(1000)})
+
+
+# --- reference vectors -----------------------------------------------------------------------------
+
+def test_face_mask_and_embedding_match_reference(unet_small):
+    tensors, meta = unet_small
+    tol = meta["tolerance"]["recommended_atol_float32"]
+    bbox = tensors["input.bbox"][..., 0]  # stored (B, 6, 1)
+    size = 4 * meta["config"]["latent_hw"]
+    reference_convention = vector_model(unet_small, reference_bbox_convention=True)
+    mask = reference_convention.face_mask(bbox, size)
+    assert torch.equal(mask, tensors["output.face.bbox_mask"])
+    corrected = vector_model(unet_small).face_mask(bbox, size)
+    assert torch.equal(corrected, tensors["output.face.bbox_mask_corrected_xW_yH"])
+    assert not torch.equal(mask, corrected)  # the sample boxes are non-square images
+    with torch.no_grad():
+        embedding = reference_convention.face_encoder(mask)
+        features = reference_convention.source_features(tensors["input.z_src"], bbox)
+    assert (embedding - tensors["output.face.embedding"]).abs().max() <= tol["face.embedding"]
+    assert torch.equal(features[:, :32], tensors["input.z_src"]) and torch.equal(features[:, 32:], embedding)
+
+
+@pytest.mark.parametrize("window,output", [(40, "unet.eps_win"), (4, "unet.eps_smallwin")])
+def test_unet_forward_matches_reference(unet_small, window, output):
+    tensors, meta = unet_small
+    tol = meta["tolerance"]["recommended_atol_float32"][output]
+    model = vector_model(unet_small, window=window)
+    features = torch.cat([tensors["input.z_src"], tensors["output.face.embedding"]], dim=1)
+    with torch.no_grad():
+        eps = model(tensors["input.x_t"], tensors["input.t"], features, tensors["input.cond"])
+    assert (eps - tensors["output." + output]).abs().max() <= tol
+
+
+def test_denoiser_reproduces_reference_ddim_steps(unet_small):
+    tensors, meta = unet_small
+    tol = meta["tolerance"]["recommended_atol_float32"]
+    model = vector_model(unet_small)
+    features = torch.cat([tensors["input.ddim_z_src"], tensors["output.face.embedding"][:1]], dim=1)
+    denoise = model.denoiser(features, tensors["input.ddim_cond"])
+    for i, t in enumerate(meta["ddim"]["timesteps_fed_to_unet"]):
+        eps = denoise(tensors[f"output.ddim.step{i}.x_in"], torch.tensor([t]))
+        assert (eps - tensors[f"output.ddim.step{i}.eps"]).abs().max() <= tol[f"ddim.step{i}.eps"]
+
+
+# --- fast paths against plain formulations --------------------------------------------------------
+
+def test_prepared_context_is_reusable_and_equals_plain_forward():
+    model = random_model()
+    x_t, t, features, cond = random_inputs(model.config)
+    with torch.no_grad():
+        denoise = model.denoiser(features, cond)
+        for step in range(2):
+            x_step, t_step = x_t + step, (t + 100 * step) % 1000
+            assert torch.equal(denoise(x_step, t_step), model(x_step, t_step, features, cond))
+
+
+def test_cross_attention_closed_form_equals_softmax_attention():
+    """The prepared cross-attention equals the reference's generic formulation (§4.3), per block."""
+    model = random_model()
+    block = model.unet.downs[1].res1  # cin 16 -> cout 32
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 5, 6, 6, generator=g) * 3 + 1
+    cond = torch.randn(2, 5, model.config.cond_dim, generator=g)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        ours = block.cross_attention(x.contiguous(memory_format=torch.channels_last_3d), block.prepare(cond))
+
+        def gain_norm(v, gain):
+            return (v - v.mean(-1, keepdim=True)) * (v.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt() * gain
+
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(10, 36, 16)
+        audio, pose, eye = cond.split([1024, 6, 2], dim=-1)
+        expected = 0
+        for attn, mlp, c in ((block.cross_attn_aud, block.audio_mlp, audio), (block.cross_attn_pose, block.pose_mlp, pose),
+                             (block.cross_attn_eye, block.eye_mlp, eye)):
+            context = mlp(c).reshape(10, 1, -1)
+            q = attn.to_q(gain_norm(tokens, attn.norm.g)).view(10, 36, 8, 8).transpose(1, 2)
+            k, v = (y.view(10, 1, 8, 8).transpose(1, 2) for y in attn.to_kv(context).chunk(2, dim=-1))
+            k = torch.cat([attn.null_kv[0].expand(10, 8, 1, 8), k], dim=2)
+            v = torch.cat([attn.null_kv[1].expand(10, 8, 1, 8), v], dim=2)
+            q, k = F.normalize(q, dim=-1) * attn.q_scale, F.normalize(k, dim=-1) * attn.k_scale
+            out = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1) @ v
+            expected = expected + gain_norm(attn.to_out[0](out.transpose(1, 2).reshape(10, 36, 64)), attn.to_out[1].g)
+    expected = expected.view(2, 5, 6, 6, 32).permute(0, 4, 1, 2, 3)
+    assert (ours - expected).abs().max() < 1e-5
+
+
+def test_windowed_equals_reference_mode_full_mask(monkeypatch):
+    """window 4 over 30 frames: local_attention's blocks (and several spatial chunks) vs the T x T mask."""
+    model = random_model(window=4)
+    torch.nn.init.normal_(model.unet.time_rel_pos_bias.relative_attention_bias.weight)
+    reference = random_model(window=4, reference_mode=True)
+    reference.load_state_dict(model.state_dict())
+    x_t, t, features, cond = random_inputs(model.config, batch=1, frames=30)
+    monkeypatch.setattr(unet3d, "TEMPORAL_TOKENS_PER_CHUNK", 30 * 48)  # 48 of 256 positions per chunk
+    with torch.no_grad():
+        ours = model(x_t, t, features, cond)
+        full = reference(x_t, t, features, cond)
+        unwindowed = random_model(window=None)
+        unwindowed.load_state_dict(model.state_dict())
+        assert (unwindowed(x_t, t, features, cond) - full).abs().max() > 1e-3  # the window matters here
+    assert (ours - full).abs().max() < 1e-5
+
+
+def test_tiny_forward_backward_finite():
+    model = random_model(window=None).train()
+    x_t, t, features, cond = random_inputs(model.config, frames=6)
+    eps = model(x_t, t, model.source_features(features[:, :32], torch.tensor([[10., 40, 8, 50, 64, 64]] * 2)), cond)
+    assert eps.shape == x_t.shape
+    eps.square().mean().backward()
+    trained = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in trained.values()), \
+        [n for n, g in trained.items() if g is None]
+    assert trained["face_encoder.conv1.weight"].abs().sum() > 0  # the face encoder is trained (§9.1)
+    unused = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert unused and all("_head.res.cross_attn" in n for n in unused)
+
+
+# --- official checkpoints and dawn checkpoints -----------------------------------------------------
+
+def test_load_official_a2v(tmp_path):
+    model = random_model()
+    diffusion = {k: v for k, v in to_reference(model.state_dict()).items() if not k.startswith("face_loc_emb.")}
+    path = tmp_path / "DAWN_128.pth"
+    torch.save({"example": 3, "diffusion": diffusion, "optimizer_diff": {"state": {}, "param_groups": []}}, path)
+
+    loaded = load_official_a2v(path)
+    assert loaded.config.image_size == 128 and loaded.config.source_channels == 32 and not loaded.training
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items()
+               if not k.startswith("face_encoder."))
+    candidate = load_file(str(FACE_ENCODER_SEED1234))
+    assert torch.equal(loaded.face_encoder.conv2.weight, candidate["face_loc_emb.conv2.weight"])
+
+    torch.manual_seed(5)
+    fresh = load_official_a2v(path, face_encoder="random", image_size=256)
+    assert fresh.config.image_size == 256
+    assert not torch.equal(fresh.face_encoder.conv2.weight, candidate["face_loc_emb.conv2.weight"])
+
+    with pytest.raises(DawnError, match="image size"):
+        load_official_a2v(path.rename(tmp_path / "diffusion.pth"))
+    torch.save({"generator": {}}, tmp_path / "LFG_128.pth")
+    with pytest.raises(DawnError, match="diffusion"):
+        load_official_a2v(tmp_path / "LFG_128.pth")
+    with pytest.raises(DawnError, match="not found"):
+        load_official_a2v(tmp_path / "missing_128.pth")
+
+
+def test_dawn_checkpoint_round_trip(tmp_path):
+    model = random_model()
+    save_model(model, tmp_path, "a2v")
+    loaded = load_model(tmp_path, "a2v")
+    assert loaded.config == model.config
+    x_t, t, features, cond = random_inputs(model.config, batch=1, frames=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x_t, t, features, cond), model(x_t, t, features, cond))
