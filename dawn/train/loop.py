@@ -51,15 +51,20 @@ ENGINE_TAG = "state"
 FAIL_INJECTION_DELAY_S = 5.0
 
 
-def build_objective(config: TrainConfig, device: torch.device | str):
-    """The objective of config.model (networks built on `device`)."""
-    if config.model == "lfg":
+def objective_class(model: str):
+    """The Objective subclass of a TrainConfig.model name."""
+    if model == "lfg":
         from dawn.train.lfg import LFGObjective as cls
-    elif config.model in ("pbnet_pose", "pbnet_blink"):
+    elif model in ("pbnet_pose", "pbnet_blink"):
         from dawn.train.pbnet import PBNetObjective as cls
     else:
         from dawn.train.a2v import A2VObjective as cls
-    return cls(config, torch.device(device))
+    return cls
+
+
+def build_objective(config: TrainConfig, device: torch.device | str):
+    """The objective of config.model (networks built on `device`)."""
+    return objective_class(config.model)(config, torch.device(device))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,12 +82,13 @@ def run_training(config: TrainConfig, address: str | None = None, num_cpus: int 
     "metrics"}.
     """
     import ray
+    from ray.data.expressions import col
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     config = config.resolved()
-    objective_cls_columns = _data_columns(config)
-    files = _train_files(config, objective_cls_columns)
+    array_columns = objective_class(config.model).data_columns
+    files = _train_files(config, array_columns)
     for name in ("init_from", "lfg"):
         path = getattr(config, name)
         if path is not None and not Path(path).is_dir():
@@ -96,8 +102,8 @@ def run_training(config: TrainConfig, address: str | None = None, num_cpus: int 
     git_commit = _git_commit()
     run_id = _open_mlflow_run(config, git_commit)
 
-    dataset = ray.data.read_parquet(files, columns=_read_columns(objective_cls_columns), shuffle="files")
-    dataset = dataset.filter(expr="split == 'train'")
+    dataset = (ray.data.read_parquet(files, shuffle="files").select_columns(_read_columns(array_columns))
+               .filter(expr=col("split") == "train"))
     deadline = time.time() + 60 * config.max_minutes if config.max_minutes else None
     trainer = TorchTrainer(
         train_worker,
@@ -128,16 +134,6 @@ def run_training(config: TrainConfig, address: str | None = None, num_cpus: int 
         "step": metrics.get("step"),
         "metrics": metrics,
     }
-
-
-def _data_columns(config: TrainConfig) -> tuple[str, ...]:
-    if config.model == "lfg":
-        from dawn.train.lfg import LFGObjective as cls
-    elif config.model in ("pbnet_pose", "pbnet_blink"):
-        from dawn.train.pbnet import PBNetObjective as cls
-    else:
-        from dawn.train.a2v import A2VObjective as cls
-    return cls.data_columns
 
 
 def _read_columns(array_columns: tuple[str, ...]) -> list[str]:
@@ -281,7 +277,7 @@ def train_worker(loop_config: dict) -> None:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     deadline = loop_config.get("deadline")
     window = _MetricWindow()
-    last_saved = step
+    last_saved, last_metrics = step, {}
     objective.train(True)
     if rank == 0:
         _say(f"[{config.run_name}] {config.model} preset {config.preset}: step {step} -> {config.steps}, "
@@ -304,7 +300,7 @@ def train_worker(loop_config: dict) -> None:
         window.samples += config.batch_size * config.grad_accum
         _inject_failure(config, rank, world, step)
         if step % config.log_every == 0 or step == config.steps:
-            metrics = window.reduce(world)
+            metrics = last_metrics = window.reduce(world)
             metrics["lr"] = engines["model"].get_lr()[0]
             if tracker:
                 tracker.log(metrics, step)
@@ -313,10 +309,10 @@ def train_worker(loop_config: dict) -> None:
         if config.sample_every and step % config.sample_every == 0 and (tracker or config.zero_stage == 3):
             _log_sample(objective, batch, autocast, tracker, step)
         if step % config.checkpoint_every == 0:
-            _save_and_report(engines, config, rank, step, rng, run_id)
+            _save_and_report(engines, config, rank, step, rng, run_id, last_metrics)
             last_saved = step
     if step != last_saved:
-        _save_and_report(engines, config, rank, step, rng, run_id)
+        _save_and_report(engines, config, rank, step, rng, run_id, last_metrics)
     _export(objective, engines, config, rank, step, run_id, loop_config.get("git_commit", "unknown"), tracker)
 
 
@@ -358,7 +354,7 @@ def _restore(engines: dict, rank: int, config: TrainConfig) -> dict:
 
 
 def _save_and_report(engines: dict, config: TrainConfig, rank: int, step: int, rng: np.random.Generator,
-                     run_id: str) -> None:
+                     run_id: str, metrics: dict) -> None:
     """All ranks: DeepSpeed checkpoint + this rank's state into a temp folder, then ray.train.report."""
     import ray.train
     from ray.train import Checkpoint
@@ -370,7 +366,7 @@ def _save_and_report(engines: dict, config: TrainConfig, rank: int, step: int, r
         (directory / STATE_DIR).mkdir()
         state = {"step": step, "rng": rng.bit_generator.state, "mlflow_run_id": run_id}
         (directory / STATE_DIR / f"rank{rank}.json").write_text(json.dumps(state))
-        ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(str(directory)),
+        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(str(directory)),
                          checkpoint_dir_name=f"step_{step:08d}")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
