@@ -396,15 +396,21 @@ def fid(generated_features: np.ndarray, real_features: np.ndarray) -> float:
     return frechet_distance_features(generated_features, real_features)
 
 
-def fvd(generated: list[np.ndarray], real: list[np.ndarray], extractor: I3DFeatures, clip_length: int = 16) -> float:
-    """FVD_{clip_length}: Fréchet distance between I3D features of the back-to-back `clip_length`-frame
-    clips of the generated videos and of the real videos (lists of (T, H, W, 3) uint8)."""
+def clip_features(video: np.ndarray, extractor, clip_length: int) -> np.ndarray:
+    """Features (K, D) of the back-to-back `clip_length`-frame clips of one (T, H, W, 3) video (K may be 0).
+    `extractor`: an I3DFeatures (clips (B, T, H, W, 3) -> (B, D))."""
+    clips = video_clips(video, clip_length)
+    return extractor(clips) if len(clips) else np.zeros((0, 0))
+
+
+def fvd(generated: list[np.ndarray], real: list[np.ndarray], extractor, clip_length: int = 16) -> float:
+    """FVD_{clip_length}: Fréchet distance between the clip features of the generated and of the real videos
+    (lists of (T, H, W, 3) uint8), see `clip_features`."""
     sets = []
     for videos, label in ((generated, "generated"), (real, "real")):
-        clips = [video_clips(v, clip_length) for v in videos]
-        clips = [c for c in clips if len(c)]
-        if sum(len(c) for c in clips) < 2:
+        features = [f for f in (clip_features(v, extractor, clip_length) for v in videos) if len(f)]
+        if sum(len(f) for f in features) < 2:
             raise DawnError(f"FVD{clip_length} needs at least 2 clips of {clip_length} frames in the {label} "
                             f"videos (they are too short)")
-        sets.append(np.concatenate([extractor(c) for c in clips]))
+        sets.append(np.concatenate(features))
     return frechet_distance_features(*sets)

@@ -123,8 +123,10 @@ class SyncNet(nn.Module):
             *_conv_bn_relu(c3(256, 256, (1, 3, 3), padding=(0, 1, 1)), 256, b3), nn.MaxPool3d((1, 3, 3), (1, 2, 2)),
             *_conv_bn_relu(c3(256, 512, (1, 6, 6)), 512, b3),
         )
-        self.netfcaud = nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, embedding_dim))
-        self.netfclip = nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, embedding_dim))
+        self.netfcaud = nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(),
+                                      nn.Linear(512, embedding_dim))
+        self.netfclip = nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(),
+                                      nn.Linear(512, embedding_dim))
 
     def forward_aud(self, mfcc_windows: torch.Tensor) -> torch.Tensor:
         return self.netfcaud(self.netcnnaud(mfcc_windows).flatten(1))

@@ -282,3 +282,21 @@ def test_video_identity_similarity_against_the_portrait(astronaut):
     scores = identity.video_identity_similarity(video, astronaut, max_frames=3)
     other = identity.video_identity_similarity(video, _grace_hopper(), max_frames=3)
     assert scores["identity"] > other["identity"] + 0.2
+
+
+def test_fvd_uses_back_to_back_clips_of_each_video():
+    rng = np.random.default_rng(0)
+    real = [rng.integers(0, 255, size=(40, 8, 8, 3), dtype=np.uint8) for _ in range(2)]
+    generated = [np.clip(v.astype(int) + 40, 0, 255).astype(np.uint8) for v in real]
+    seen = []
+
+    def per_frame_brightness(clips):  # a stand-in for I3D: (B, T, H, W, 3) -> (B, T)
+        seen.append(clips.shape)
+        return clips.mean(axis=(2, 3, 4))
+
+    assert frechet.video_clips(real[0], 16).shape == (2, 16, 8, 8, 3)  # frames 32-39 do not fill a clip
+    value = frechet.fvd(generated, real, per_frame_brightness, clip_length=16)
+    assert seen == [(2, 16, 8, 8, 3)] * 4
+    assert value > 100 and frechet.fvd(real, real, per_frame_brightness, clip_length=16) == pytest.approx(0, abs=1e-6)
+    with pytest.raises(DawnError, match="FVD32"):
+        frechet.fvd([generated[0]], [real[0]], per_frame_brightness, clip_length=32)
