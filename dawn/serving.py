@@ -481,14 +481,19 @@ class RenderService:
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds serve/app.py (the Serve application)
 
 
-def app_args(args: argparse.Namespace) -> dict:
-    """The `build_app` arguments for the parsed `dawn serve` flags."""
+def app_args(args: argparse.Namespace, cluster_cpus: float) -> dict:
+    """The `build_app` arguments for the parsed `dawn serve` flags. Without --cpus-per-replica every replica
+    gets an equal share of the cluster's CPUs (at most 1; the ingress half a share), so all of them start."""
     out = {"checkpoints": str(Path(args.checkpoints).resolve()), "output": str(Path(args.output).resolve()),
            "device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size}
     if args.hubert:
         out["hubert"] = str(Path(args.hubert).resolve())
+    replicas = args.features_replicas + args.pbnet_replicas + args.a2v_replicas
+    share = args.cpus_per_replica or min(1.0, cluster_cpus / (replicas + 0.5))
     for stage in ("features", "pbnet", "a2v"):
         out[f"{stage}_replicas"] = getattr(args, f"{stage}_replicas")
+        out[f"{stage}_cpus"] = share
+    out["ingress_cpus"] = share / 2
     out["a2v_gpus"] = args.a2v_gpus
     for name in ("max_upload_bytes", "max_audio_seconds", "max_active_renders", "max_queued_renders",
                  "max_steps"):
@@ -515,7 +520,8 @@ def _serve_command(args: argparse.Namespace) -> int:
 
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"dawn serve: http://{args.host}:{args.port}/docs (Ctrl-C stops)", flush=True)
-    serve.run(build_app(app_args(args)), name="dawn", route_prefix="/", blocking=True)
+    app = build_app(app_args(args, ray.cluster_resources().get("CPU", 1.0)))
+    serve.run(app, name="dawn", route_prefix="/", blocking=True)
     return 0
 
 
@@ -535,6 +541,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--pbnet-replicas", type=int, default=1)
     p.add_argument("--a2v-replicas", type=int, default=1)
     p.add_argument("--a2v-gpus", type=float, default=0.0, help="GPUs per A2V-FDM replica (default 0)")
+    p.add_argument("--cpus-per-replica", type=float, help="CPUs per stage replica (default: fit all replicas)")
     p.add_argument("--max-batch-size", type=int, default=4, help="A2V-FDM requests sampled together")
     p.add_argument("--max-upload-bytes", type=int, default=limits.max_upload_bytes)
     p.add_argument("--max-audio-seconds", type=float, default=limits.max_audio_seconds)

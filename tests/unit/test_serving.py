@@ -318,3 +318,17 @@ def test_serve_config_is_valid_and_embedded_in_the_rayservice():
     ServeLimits.from_args(app["args"])  # every limit in the config is a valid one
     a2v = next(d for d in app["deployments"] if d["name"] == "A2VFDM")
     assert a2v["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_dawn_serve_flags_fit_every_replica_on_the_cpus(tmp_path):
+    from dawn.cli import build_parser
+    from dawn.serving import app_args
+
+    args = build_parser().parse_args(["serve", "--checkpoints", str(tmp_path), "--a2v-replicas", "2",
+                                      "--max-queued-renders", "3", "--port", "8001"])
+    out = app_args(args, cluster_cpus=2.0)
+    assert out["checkpoints"] == str(tmp_path) and out["a2v_replicas"] == 2 and out["max_queued_renders"] == 3
+    total = sum(out[f"{stage}_cpus"] * out[f"{stage}_replicas"] for stage in ("features", "pbnet", "a2v"))
+    assert total + out["ingress_cpus"] == pytest.approx(2.0)
+    assert app_args(args, cluster_cpus=64.0)["a2v_cpus"] == 1.0  # at most one CPU each on a big machine
+    ServeLimits.from_args(out)
