@@ -61,8 +61,3 @@ def lip_sync_proxy(mouth_opening: np.ndarray, waveform: np.ndarray, max_lag: int
     correlation, lag = lag_correlation(mouth_opening, envelope, max_lag)
     return {"correlation": correlation, "lag": lag, "envelope": envelope}
 
-
-def video_lip_sync(frames: np.ndarray, waveform: np.ndarray, max_lag: int = MAX_LAG) -> dict:
-    """Measure the mouth on (T, H, W, 3) uint8 frames and return lip_sync_proxy's dict plus "mouth" (T,)."""
-    mouth = analyze_frames(frames)["mouth_opening"]
-    return {**lip_sync_proxy(mouth, waveform, max_lag), "mouth": mouth}
