@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "dawn.render",  # dawn render, dawn init-checkpoints
     "dawn.data.synth",  # dawn synth-corpus
     "dawn.serving",  # dawn serve
+    "dawn.evaluation",  # dawn evaluate
     "dawn.demo",  # dawn demo
 ]
 
