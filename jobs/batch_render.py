@@ -15,7 +15,7 @@ from dawn import DawnError
 from dawn.batch_render import run_batch_render
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True, help="CSV or JSONL: id, portrait, audio[, pose_video][, seed]")
     parser.add_argument("--checkpoints", required=True, help="dawn checkpoint directory")
@@ -33,6 +33,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor (default: fit all actors)")
     parser.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         results = run_batch_render(

@@ -16,7 +16,7 @@ from dawn.data.preprocess import MAX_MISSING_FACE, SEGMENT_FRAMES
 from dawn.data.preprocess_job import PreprocessSettings, run_preprocess
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="folder of videos or a .csv/.jsonl manifest (path, identity)")
     parser.add_argument("--output", required=True, help="shards folder (index.json, failures.parquet, shards/)")
@@ -31,6 +31,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-actors", type=int, default=None, help="preprocessing actors (default: cluster CPUs)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (local runs only)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.resolution % 4 or args.resolution < 16:
         parser.error("--resolution must be a multiple of 4 (128 or 256)")

@@ -18,9 +18,14 @@ from dawn import DawnError
 from dawn.train.config import add_arguments, from_arguments
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, model_flags=("stage", "lfg"))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         from dawn.train.loop import run_training

@@ -15,10 +15,15 @@ from dawn import DawnError
 from dawn.train.config import add_arguments, from_arguments
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", required=True, choices=("pose", "blink"), help="which PBNet to train")
     add_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         from dawn.train.loop import run_training
