@@ -96,12 +96,21 @@ class TrainConfig:
     # -- derived values -------------------------------------------------------------------------------
 
     def resolved(self) -> "TrainConfig":
-        """A copy with absolute paths and every default that depends on other fields filled in."""
-        storage = Path(self.storage_path).expanduser().resolve()
+        """A copy with absolute paths and every default that depends on other fields filled in.
+
+        storage_path may be a URI (s3://, gs://, ...) that Ray Train writes checkpoints to; then the MLflow
+        store (--mlflow-uri) and the export folder (--export-dir) must be given explicitly. The data,
+        checkpoint and export folders are local paths (on a cluster: a filesystem shared by all nodes).
+        """
+        remote = "://" in self.storage_path
+        if remote and (self.mlflow_uri is None or self.export_dir is None):
+            raise DawnError(f"--storage-path {self.storage_path} is remote: give --mlflow-uri (e.g. an MLflow "
+                            "server) and a local or shared --export-dir too")
+        storage = self.storage_path if remote else str(Path(self.storage_path).expanduser().resolve())
         run_name = self.run_name or (f"{self.model}-s{self.stage}-{self.preset}" if self.model == "a2v"
                                      else f"{self.model}-{self.preset}")
         absolute = {name: str(Path(getattr(self, name)).expanduser().resolve())
-                    for name in ("data", "init_from", "lfg", "vgg19") if getattr(self, name) is not None}
+                    for name in ("data", "init_from", "lfg", "vgg19", "export_dir") if getattr(self, name) is not None}
         deepspeed = self.deepspeed_config
         if isinstance(deepspeed, str):
             path = Path(deepspeed).expanduser()
@@ -111,17 +120,16 @@ class TrainConfig:
                 deepspeed = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise DawnError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+        defaults = {"export_dir": str(Path(storage) / run_name / "export")} if self.export_dir is None else {}
         return dataclasses.replace(
-            self, storage_path=str(storage), run_name=run_name,
-            mlflow_uri=self.mlflow_uri or f"sqlite:///{storage / 'mlflow.db'}",
-            export_dir=str(Path(self.export_dir).expanduser().resolve()) if self.export_dir
-            else str(storage / run_name / "export"),
-            deepspeed_config=deepspeed, **absolute,
+            self, storage_path=storage, run_name=run_name,
+            mlflow_uri=self.mlflow_uri or f"sqlite:///{Path(storage) / 'mlflow.db'}",
+            deepspeed_config=deepspeed, **defaults, **absolute,
         )
 
     @property
     def run_dir(self) -> Path:
-        """Ray Train's folder of this run (checkpoints) under the storage path."""
+        """Ray Train's folder of this run (checkpoints) under a local storage path."""
         return Path(self.storage_path) / self.run_name
 
     def to_dict(self) -> dict[str, Any]:

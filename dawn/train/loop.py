@@ -87,7 +87,9 @@ def run_training(config: TrainConfig, address: str | None = None, num_cpus: int 
     from ray.train.torch import TorchTrainer
 
     config = config.resolved()
-    array_columns = objective_class(config.model).data_columns
+    objective_cls = objective_class(config.model)
+    objective_cls.parse_options(config)  # unknown options fail here, not in every worker
+    array_columns = objective_cls.data_columns
     files = _train_files(config, array_columns)
     for name in ("init_from", "lfg"):
         path = getattr(config, name)
@@ -206,7 +208,7 @@ def _open_mlflow_run(config: TrainConfig, git_commit: str) -> str:
         experiment_id = client.create_experiment(config.experiment, artifact_location=location)
     else:
         experiment_id = client.create_experiment(config.experiment)
-    run_dir = str(config.run_dir)
+    run_dir = f"{config.storage_path.rstrip('/')}/{config.run_name}"
     runs = client.search_runs([experiment_id], filter_string=f"tags.`dawn.run_dir` = '{run_dir}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     params = _flat_params(config, git_commit)
@@ -281,7 +283,7 @@ def train_worker(loop_config: dict) -> None:
     objective.train(True)
     if rank == 0:
         _say(f"[{config.run_name}] {config.model} preset {config.preset}: step {step} -> {config.steps}, "
-                 f"{world} worker(s) x batch {config.batch_size} x accumulation {config.grad_accum}, device {device}")
+             f"{world} worker(s) x batch {config.batch_size} x accumulation {config.grad_accum}, device {device}")
     while step < config.steps:
         stop = deadline is not None and time.time() > deadline
         batch = None
@@ -305,7 +307,7 @@ def train_worker(loop_config: dict) -> None:
             if tracker:
                 tracker.log(metrics, step)
                 _say(f"[{config.run_name}] step {step}/{config.steps} "
-                         + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                     + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if config.sample_every and step % config.sample_every == 0 and (tracker or config.zero_stage == 3):
             _log_sample(objective, batch, autocast, tracker, step)
         if step % config.checkpoint_every == 0:
@@ -451,7 +453,7 @@ class _BatchFeed:
             missing, any_stop, any_empty = (v > 0 for v in _agree([float(batch is None), float(stop), float(empty)]))
             if any_empty:
                 raise DawnError("a worker's split of the training data yields no batch: use more or longer "
-                                "segments, fewer workers or a smaller batch size")
+                                "segments, more --samples-per-row, fewer workers or a smaller batch size")
             if any_stop:
                 return None, True
             if not missing:
@@ -477,10 +479,12 @@ def _agree(flags: list[float]) -> list[float]:
 
 
 class _MetricWindow:
-    """Running sums of the per-step losses between two log lines; reduce() averages over the ranks."""
+    """Running sums of the per-step losses between two log lines; reduce() averages over the ranks and
+    adds throughput (rank 0's timing: samples/s in total and per worker, samples per CPU-second)."""
 
     def __init__(self):
-        self.sums, self.counts, self.samples, self.start = defaultdict(float), defaultdict(int), 0, time.time()
+        self.sums, self.counts, self.samples = defaultdict(float), defaultdict(int), 0
+        self.start, self.cpu_start = time.time(), time.process_time()
 
     def add(self, values: dict[str, float]) -> None:
         for k, v in values.items():
@@ -502,6 +506,8 @@ class _MetricWindow:
         metrics = dict(zip(keys, means.tolist()))
         metrics["samples_per_s"] = self.samples * world / elapsed
         metrics["samples_per_s_per_worker"] = self.samples / elapsed
+        # per CPU-second of this worker process (all its threads): stable on a shared machine
+        metrics["samples_per_cpu_s_per_worker"] = self.samples / max(time.process_time() - self.cpu_start, 1e-9)
         self.__init__()
         return metrics
 

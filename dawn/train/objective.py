@@ -19,13 +19,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from dawn import DawnError
 from dawn.checkpoint import save_model
 from dawn.train.config import TrainConfig
 
 
 class Objective:
-    """Base class; subclasses set `checkpoint_name`, `data_columns`, build `trainable` and implement
-    `batches`, `loss` and `sample_artifact`."""
+    """Base class; subclasses set `checkpoint_name`, `data_columns`, an `Options` dataclass (loss weights
+    etc., filled from TrainConfig.objective_options), build `trainable` and implement `batches`, `loss`
+    and `sample_artifact`."""
+
+    @dataclasses.dataclass
+    class Options:
+        pass
 
     checkpoint_name: str  # name of the exported dawn checkpoint (lfg, pbnet_pose, pbnet_blink, a2v)
     data_columns: tuple[str, ...]  # array columns of the shards this objective reads
@@ -33,8 +39,17 @@ class Objective:
     def __init__(self, config: TrainConfig, device: torch.device):
         self.config = config
         self.device = torch.device(device)
-        self.options = self.Options(**config.objective_options) if hasattr(self, "Options") else None
+        self.options = self.parse_options(config)
         self.trainable: dict[str, nn.Module] = {}
+
+    @classmethod
+    def parse_options(cls, config: TrainConfig):
+        """Options from config.objective_options; DawnError naming unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls.Options)}
+        unknown = sorted(set(config.objective_options) - known)
+        if unknown:
+            raise DawnError(f"unknown {config.model} objective options {unknown} (known: {sorted(known)})")
+        return cls.Options(**config.objective_options)
 
     # -- data --------------------------------------------------------------------------------------------
     def batches(self, rows: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
@@ -123,8 +138,6 @@ def override_config(config, overrides: dict):
     """A network config dataclass with some fields replaced (TrainConfig.model_overrides)."""
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(config)})
     if unknown:
-        from dawn import DawnError
-
         raise DawnError(f"model_overrides has fields {unknown} that {type(config).__name__} does not have")
     return dataclasses.replace(config, **overrides)
 

@@ -112,7 +112,9 @@ def test_pbnet_resumes_after_a_worker_dies(ray_local, workspace):
     config = tiny("pbnet_pose", workspace, fail_at_step=5, max_failures=1, objective_options={"window": 40})
     summary = run_training(config)
     assert (config.resolved().run_dir / ".failed_once_at_step_5").is_file()
-    steps = [s for s, _ in history(summary, "rec")]
+    rec = history(summary, "rec")
+    assert rec[-1][1] < rec[0][1], f"PBNet reconstruction loss did not go down: {rec}"
+    steps = [s for s, _ in rec]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     resumed_from = steps[restart] - 1
     assert resumed_from == 3  # the last checkpoint before the failure

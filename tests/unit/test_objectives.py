@@ -228,3 +228,27 @@ def test_batch_feed_overfit_cycles_and_empty_data_fails():
     assert streaming.next(stop=True) == (None, True)
     with pytest.raises(DawnError, match="no batch"):
         _BatchFeed(lambda: iter([])).next()
+
+
+def test_job_flags_build_the_config():
+    import argparse
+
+    from dawn.train.config import add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, model_flags=("stage", "lfg"))
+    args = parser.parse_args(["--data", "shards", "--preset", "hdtf128", "--stage", "2", "--lfg", "ckpt",
+                              "--init-from", "s1", "--num-workers", "8", "--use-gpu", "--zero-stage", "3",
+                              "--dtype", "bf16", "--steps", "50", "--lr-schedule", "constant", "--max-minutes", "90",
+                              "--options", '{"w_lip": 2.0}'])
+    config = from_arguments(args, "a2v")
+    assert (config.model, config.stage, config.preset, config.lfg, config.init_from) == ("a2v", 2, "hdtf128", "ckpt", "s1")
+    assert (config.num_workers, config.use_gpu, config.zero_stage, config.dtype) == (8, True, 3, "bf16")
+    assert (config.steps, config.lr_schedule, config.max_minutes) == (50, "constant", 90.0)
+    assert config.objective_options == {"w_lip": 2.0}
+    with pytest.raises(DawnError, match="--options"):
+        from_arguments(parser.parse_args(["--data", "d", "--lfg", "l", "--options", "{bad"]), "a2v")
+    from dawn.train.pbnet import PBNetObjective
+
+    with pytest.raises(DawnError, match="bogus"):
+        PBNetObjective.parse_options(TrainConfig(model="pbnet_pose", data="d", objective_options={"bogus": 1}))
