@@ -22,9 +22,10 @@ def fit(objective, batch, steps):
 
 
 @pytest.fixture(autouse=True)
-def few_threads():
+def one_thread():
+    """One torch thread: robust timing on a shared 2-core machine (spinning OpenMP threads are not)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
