@@ -70,8 +70,12 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
 
 
 def num_frames(num_samples: int) -> int:
-    """Video frames (25 fps) for `num_samples` of 16 kHz audio: int(samples / 16000 * 25) (§0, §7.1)."""
-    return int(num_samples / SAMPLE_RATE * FPS)
+    """Video frames (25 fps) for `num_samples` of 16 kHz audio: round(samples / 16000 * 25).
+
+    The reference truncates (int(), §0, §7.1); rounding keeps the video within half a frame of the audio
+    it is muxed with, so an mp4 of a d-second clip has round(25 d) frames.
+    """
+    return int(num_samples / SAMPLE_RATE * FPS + 0.5)
 
 
 def speech_envelope(waveform: np.ndarray, num_frames: int) -> np.ndarray:
@@ -142,6 +146,9 @@ class HubertFeatureExtractor:
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  chunk_length: int = HUBERT_CHUNK):
         from transformers import HubertModel
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # one small model: a "Loading weights" bar is noise
 
         model_dir = Path(model_dir)
         has_weights = (model_dir / "model.safetensors").is_file() or (model_dir / "pytorch_model.bin").is_file()

