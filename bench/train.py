@@ -60,8 +60,7 @@ def ray_throughput(model: str, preset: str, shards: Path, lfg_dir: Path | None, 
                          num_workers=workers, storage_path=str(storage), run_name=f"{model}-{preset}-{workers}w",
                          checkpoint_every=steps, log_every=1, sample_every=0, max_failures=0,
                          samples_per_row=BATCH[model],  # each worker holds one toy video: a batch per row
-                         lfg=str(lfg_dir) if model == "a2v" else None,
-                         objective_options={"window": 50} if model.startswith("pbnet") else {})
+                         lfg=str(lfg_dir) if model == "a2v" else None)
     summary = run_training(config)
     client = MlflowClient(summary["mlflow_uri"])
 
