@@ -95,6 +95,9 @@ def check_row(row: dict, seen: set[str]) -> str | None:
         return f"seed must be an integer, got {row['seed']!r}"
     if seed < 0:
         return f"seed must be non-negative, got {seed}"
+    for key in ("portrait", "audio", "pose_video"):
+        if row.get(key) and not Path(row[key]).is_file():
+            return f"{key} file not found: {row[key]}"
     row["seed"] = seed
     return None
 

@@ -2,6 +2,7 @@
 gives 4 mp4s and 2 reported failures; a rerun renders nothing new."""
 
 import csv
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -32,12 +33,12 @@ def test_manifest_render_with_bad_rows_and_resume(ray_local, tmp_path, speech_wa
     checkpoints = init_checkpoints(tmp_path / "ckpt", preset="tiny")
     speech = load_audio(speech_wav)
     soundfile.write(str(tmp_path / "one.wav"), speech[8000:24000], 16000)  # 1 s: 25 frames
-    soundfile.write(str(tmp_path / "half.wav"), speech[8000:16000], 16000)  # 0.5 s: 12 frames
+    soundfile.write(str(tmp_path / "half.wav"), speech[8000:16400], 16000)  # 0.525 s: 13 frames
     (tmp_path / "noise.wav").write_bytes(b"not audio at all" * 64)
     cv2.imwrite(str(tmp_path / "blank.png"), np.full((128, 128, 3), 90, np.uint8))
     rows = [("a", astronaut_png, "one.wav", 1), ("b", astronaut_png, "one.wav", 2),
             ("c", astronaut_png, "half.wav", 3), ("d", "blank.png", "one.wav", 4),  # no face
-            ("e", astronaut_png, "noise.wav", 5), ("f", astronaut_png, "missing.wav", 6)]
+            ("e", astronaut_png, "noise.wav", 5), ("f", astronaut_png, "one.wav", 6)]
     manifest = tmp_path / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.writer(f)
@@ -49,15 +50,14 @@ def test_manifest_render_with_bad_rows_and_resume(ray_local, tmp_path, speech_wa
     by_id = {r["id"]: r for r in results}
     assert [r["id"] for r in results] == list("abcdef")
     assert {i: by_id[i]["status"] for i in by_id} == dict(a="done", b="done", c="done", d="failed", e="failed",
-                                                          f="failed")
+                                                          f="done")
     assert "no face found" in by_id["d"]["error"]
     assert "cannot decode audio" in by_id["e"]["error"]
-    assert "not found" in by_id["f"]["error"] and "missing.wav" in by_id["f"]["error"]
-    for render_id, frames in (("a", 25), ("b", 25), ("c", 12)):
+    for render_id, frames in (("a", 25), ("b", 25), ("c", 13), ("f", 25)):
         info = probe(out / f"{render_id}.mp4")
         assert info["frames"] == frames and info["video_codec"] == "h264" and info["has_audio"]
         assert by_id[render_id]["seconds"] > 0 and by_id[render_id]["output"] == str(out / f"{render_id}.mp4")
-    assert sorted(p.name for p in out.glob("*.mp4")) == ["a.mp4", "b.mp4", "c.mp4"]
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["a.mp4", "b.mp4", "c.mp4", "f.mp4"]
     assert not list(out.glob(".*"))  # no temporary files left
 
     with open(out / "results.csv") as f:
@@ -70,7 +70,7 @@ def test_manifest_render_with_bad_rows_and_resume(ray_local, tmp_path, speech_wa
     # a rerun: nothing new is rendered, the bad rows are tried (and reported) again
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
     again = run_batch_render(manifest, checkpoints, out, steps=2, show_progress=False)
-    assert [r["status"] for r in again] == ["skipped"] * 3 + ["failed"] * 3
+    assert [r["status"] for r in again] == ["skipped"] * 3 + ["failed"] * 2 + ["skipped"]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == mtimes
 
 
@@ -82,9 +82,11 @@ def test_manifest_problems_are_reported(tmp_path, astronaut_png, speech_wav):
     from dawn.batch_render import check_row, read_manifest
 
     manifest = tmp_path / "m.jsonl"
+    shutil.copy(astronaut_png, tmp_path / astronaut_png.name)  # portraits are relative to the manifest
     lines = [{"id": "ok", "portrait": astronaut_png.name, "audio": str(speech_wav), "seed": 3},
              {"id": "ok", "portrait": "p.png", "audio": "a.wav"}, {"id": "../x", "portrait": "p.png", "audio": "a.wav"},
-             {"id": "s", "portrait": "p.png", "audio": "a.wav", "seed": "x"}, {"id": "n", "portrait": "p.png"}]
+             {"id": "s", "portrait": "p.png", "audio": "a.wav", "seed": "x"}, {"id": "n", "portrait": "p.png"},
+             {"id": "m", "portrait": astronaut_png.name, "audio": "missing.wav"}]
     manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     rows, seen, problems = read_manifest(manifest), set(), []
     for row in rows:
@@ -94,6 +96,7 @@ def test_manifest_problems_are_reported(tmp_path, astronaut_png, speech_wav):
     assert problems[0] is None and rows[0]["seed"] == 3
     assert "duplicate id" in problems[1] and "bad id" in problems[2] and "seed must be an integer" in problems[3]
     assert "required" in problems[4]
+    assert "not found" in problems[5] and "missing.wav" in problems[5]
     (tmp_path / "bad.csv").write_text("name,audio\nx,a.wav\n")
     with pytest.raises(DawnError, match="lacks the column"):
         read_manifest(tmp_path / "bad.csv")
