@@ -3,10 +3,10 @@
 The official file is a torch pickle whose `diffusion` entry is the GaussianDiffusion state dict: the 12
 schedule buffers plus the U-Net under `denoise_fn.*` (ARCHITECTURE.md §1, manifest_a2v_128.json). The
 face-box encoder (`face_loc_emb.*`) is in no checkpoint (§9.1); test vectors store it beside the
-`diffusion` keys, so it is mapped when present. Tensors are the same; dawn names drop the reference's
-wrapper levels (`.fn.fn.fn`) and index-named children, and keeps per-frame convolutions as 2D weights
-(the reference's (out, in, 1, k, k) Conv3d weights), LN_c gains as (C,) and 1x1 convs on tokens as
-Linear weights.
+`diffusion` keys, so it is mapped when present. The tensors are the same; dawn names drop the
+reference's wrapper levels (`.fn.fn.fn`) and name the children of each U-Net level, and dawn keeps
+per-frame convolutions as 2D weights (the reference's Conv3d (out, in, 1, k, k)), LN_c gains as (C,)
+(reference (1, C, 1, 1, 1)) and the levels' 1x1 attention convolutions as Linear weights.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def load_official_a2v(path: str | Path, face_encoder: str | Path = "seed1234",
 
     face_encoder: "seed1234" (the packaged best guess of the training-time encoder, §9.1), "random"
     (a fresh default initialisation, as the reference's inference does), or a safetensors path.
-    image_size: 128 or 256; by default taken from the file name.
+    image_size: 128 or 256; by default taken from the file name. The released files hold no face
+    encoder; `face_loc_emb.*` entries in `diffusion`, if any, are ignored in favour of `face_encoder`.
     """
     path = Path(path)
     if not path.is_file():

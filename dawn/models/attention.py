@@ -123,14 +123,20 @@ def local_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_as_mask(bias, q))
 
     out = torch.empty_like(q)
+    interior_mask = None  # blocks away from both ends all see the same offsets: one mask for them
     for start in range(0, t, block):
         stop = min(start + block, t)
         lo, hi = max(0, start - window), min(t, stop + window)
-        rel = torch.arange(lo, hi, device=q.device)[None, :] - torch.arange(start, stop, device=q.device)[:, None]
-        bias = bias_fn(rel).to(q.dtype) if bias_fn is not None else q.new_zeros(1, *rel.shape)
-        bias = bias.masked_fill((rel.abs() > window)[None], float("-inf"))
+        interior = (lo, hi, stop) == (start - window, stop + window, start + block)
+        if interior and interior_mask is not None:
+            mask = interior_mask
+        else:
+            rel = torch.arange(lo, hi, device=q.device)[None, :] - torch.arange(start, stop, device=q.device)[:, None]
+            bias = bias_fn(rel).to(q.dtype) if bias_fn is not None else q.new_zeros(1, *rel.shape)
+            mask = _as_mask(bias.masked_fill((rel.abs() > window)[None], float("-inf")), q)
+            interior_mask = mask if interior else interior_mask
         out[..., start:stop, :] = F.scaled_dot_product_attention(
-            q[..., start:stop, :], k[..., lo:hi, :], v[..., lo:hi, :], attn_mask=_as_mask(bias, q)
+            q[..., start:stop, :], k[..., lo:hi, :], v[..., lo:hi, :], attn_mask=mask
         )
     return out
 

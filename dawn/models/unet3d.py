@@ -16,7 +16,7 @@ Built for long renders (200+ frames, 20 DDIM steps) on CPUs:
 - Cross-attention to the two keys [null, this frame's condition] is the closed form of a 2-way
   softmax: attn(cond) = sigmoid(logit_cond - logit_null).
 
-State-dict names differ from the reference only by wrapper levels; `dawn.adapters.a2v` maps them.
+State-dict tensors are the reference's under shorter module names; `dawn.adapters.a2v` maps them.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from torch import nn
 from dawn.models.attention import RelativePositionBias, RotaryEmbedding, full_attention_bias, local_attention
 from dawn.models.diffusion import CosineSchedule
 
-# Temporal attention handles at most this many (sequence x frame) tokens at once (12 MB of q/k/v in
-# float32, cache-sized): long renders then need no more memory per layer than a short clip.
-TEMPORAL_TOKENS_PER_CHUNK = 2**12
+# Temporal attention handles at most this many (sequence x frame) tokens at once (about 25 MB of q/k/v
+# in float32): long renders then need no more memory per layer than a short clip.
+TEMPORAL_TOKENS_PER_CHUNK = 2**13
 
 
 @dataclass
@@ -60,7 +60,7 @@ class A2VConfig:
     window: int | None = 40  # temporal local-attention half width; None = full attention (training)
     reference_bbox_convention: bool = False  # ARCHITECTURE.md §9.2: True reproduces x/H, y/W
     cross_attn_norm_eps: float | None = None  # None: 1e-5 for float32, else 1e-3 (reference rule, §6)
-    reference_mode: bool = False  # benchmarks only: temporal attention with the reference's T x T mask
+    reference_mode: bool = False  # benchmarks only: temporal attention the reference's way (T x T logits)
 
     def __post_init__(self):
         self.dim_mults = tuple(self.dim_mults)
@@ -266,7 +266,9 @@ class ResnetBlock(nn.Module):
     def cross_attention(self, x: torch.Tensor, terms: CrossAttentionTerms) -> torch.Tensor:
         """Sum of the audio, pose and eye cross-attentions of x (B, C, T, H, W) -> (B, cout, T, H, W)."""
         b, c, t, h, w = x.shape
-        eps = self.cross_attn_norm_eps or (1e-5 if x.dtype == torch.float32 else 1e-3)
+        eps = self.cross_attn_norm_eps
+        if eps is None:
+            eps = 1e-5 if x.dtype == torch.float32 else 1e-3
         tokens = F.layer_norm(to_tokens(x).reshape(b * t, h * w, c), (c,), eps=eps)  # (B*T, HW, cin)
         heads = terms.gram.shape[-1] - 1
         q_norm = torch.linalg.vector_norm((tokens @ terms.q_weight.t()).unflatten(-1, (3 * heads, -1)), dim=-1)
@@ -290,7 +292,12 @@ class ResnetBlock(nn.Module):
 
 
 class SpatialLinearAttention(nn.Module):
-    """Residual(PreNorm) linear attention over the H*W positions of each frame (§4.4, levels)."""
+    """Residual(PreNorm) linear attention over the H*W positions of each frame (§4.4, levels).
+
+    Per frame and head: q softmax over features, k softmax over positions, context = sum_n k_n v_n^T
+    (dh x dh), out = context^T q, then to_out. Here the k normalisation is applied to the small
+    context, and to_out (and the q scale) is folded into it, so per token only q is touched again.
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int):
         super().__init__()
@@ -302,13 +309,18 @@ class SpatialLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         tokens = to_tokens(x).reshape(b * t, h * w, c)
-        qkv = self.to_qkv(self.norm(tokens)).view(b * t, h * w, 3, self.heads, self.dim_head)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (B*T, heads, HW, dh)
-        q = q.softmax(dim=-1) * self.dim_head**-0.5  # over features
-        k = k.softmax(dim=-2)  # over positions
-        out = q @ (k.transpose(-1, -2) @ v)  # context (dh x dh) = sum over positions of k v^T
-        out = out.transpose(1, 2).reshape(b * t, h * w, -1)
-        return x + from_tokens(self.to_out(out).view(b, t, h, w, c))
+        tokens = self.norm(tokens)
+        inner = self.heads * self.dim_head  # q apart from k, v: its softmax then needs no copy
+        q = F.linear(tokens, self.to_qkv.weight[:inner]).view(b * t, h * w, self.heads, self.dim_head)
+        k, v = F.linear(tokens, self.to_qkv.weight[inner:]).view(b * t, h * w, 2, self.heads, self.dim_head).unbind(2)
+        q = q.softmax(dim=-1)  # (B*T, HW, heads, dh)
+        k_exp = (k - k.amax(dim=1, keepdim=True)).exp_()
+        context = torch.stack([k_exp[:, :, i].transpose(1, 2) @ v[:, :, i] for i in range(self.heads)], dim=1)
+        context = context / k_exp.sum(dim=1)[..., None]  # (B*T, heads, dh, dh): softmax over positions
+        out_weight = self.to_out.weight.view(c, self.heads, self.dim_head) * self.dim_head**-0.5
+        fold = torch.einsum("bhde,che->bhdc", context, out_weight).reshape(b * t, -1, c)
+        out = torch.baddbmm(self.to_out.bias, q.reshape(b * t, h * w, -1), fold)
+        return x + from_tokens(out.view(b, t, h, w, c))
 
 
 class SpatialAttention(nn.Module):
@@ -381,8 +393,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 class TemporalAttention(nn.Module):
     """Residual(PreNorm) attention across frames at every spatial position, RoPE + relative bias (§4.5).
 
-    Frame i attends to frames |j - i| <= window (`local_attention`, memory linear in T); with
-    `reference_mode` it uses the reference's full T x T logits and window mask instead (benchmarks).
+    Frame i attends to frames |j - i| <= window (`local_attention`, memory linear in T), a chunk of
+    spatial positions at a time; with `reference_mode` it computes all positions at once with the
+    reference's full T x T logits and window mask instead (benchmarks).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int):
@@ -411,7 +424,7 @@ class TemporalAttention(nn.Module):
         b, c, t, h, w = x.shape
         tokens = to_tokens(x).reshape(b, t, h * w, c)
         out = torch.empty_like(tokens)
-        chunk = max(1, TEMPORAL_TOKENS_PER_CHUNK // t)
+        chunk = h * w if ctx.reference_mode else max(1, TEMPORAL_TOKENS_PER_CHUNK // t)
         for i in range(b):
             for start in range(0, h * w, chunk):
                 out[i, :, start:start + chunk] = self.attend(tokens[i, :, start:start + chunk], ctx)
@@ -602,4 +615,9 @@ class A2VFDM(nn.Module):
     def denoiser(self, source_features: torch.Tensor, cond: torch.Tensor):
         """For samplers: prepare once, return denoise(x_t, t) -> eps (inference, no gradients)."""
         context = self.prepare(source_features, cond)
-        return lambda x_t, t: self.forward_prepared(x_t, t, context)
+
+        @torch.no_grad()
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.forward_prepared(x_t, t, context)
+
+        return denoise
