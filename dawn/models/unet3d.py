@@ -274,7 +274,7 @@ class ResnetBlock(nn.Module):
         q_norm = torch.linalg.vector_norm((tokens @ terms.q_weight.t()).unflatten(-1, (3 * heads, -1)), dim=-1)
         attn_cond = torch.sigmoid((tokens @ terms.logit_query) / q_norm.clamp_min(1e-12))  # (B*T, HW, 3*h)
         coef = F.pad(attn_cond.unflatten(-1, (3, heads)), (1, 0), value=1.0)  # c_a: (B*T, HW, 3, h+1)
-        variance = (torch.einsum("bnai,baij->bnaj", coef, terms.gram) * coef).sum(-1)
+        variance = (torch.einsum("bnai,baij->bnaj", coef, terms.gram) * coef).sum(-1).clamp_min(0)
         coef = coef * torch.rsqrt(variance + eps)[..., None]
         out = coef.flatten(-2) @ terms.out_vectors  # (B*T, HW, cout)
         return from_tokens(out.view(b, t, h, w, -1))
