@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dawn.audio import num_frames
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +42,7 @@ def media(tmp_path_factory, speech_wav, astronaut_png):
     blank = folder / "blank.png"
     cv2.imwrite(str(blank), np.full((256, 256, 3), 235, np.uint8))
     return {"portrait": astronaut_png.read_bytes(), "speech": speech_wav.read_bytes(),
-            "speech_frames": int(len(speech) / 16000 * 25),
+            "speech_frames": num_frames(len(speech)),
             "short": _wav(folder / "short.wav", speech[8000:24000]).read_bytes(),
             "long": _wav(folder / "long.wav", np.tile(speech, 4)[: 8 * 16000]).read_bytes(),
             "blank": blank.read_bytes()}

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from dawn.audio import num_frames
 from dawn import DawnError
 from dawn.pipeline import Motion, Portrait, RenderOptions, RenderPipeline
 from dawn.serving import (FramesRequest, JobTable, RenderService, RequestError, ServeLimits, ServiceBusy, Upload,
@@ -65,7 +66,7 @@ def test_prepare_render_accepts_a_portrait_and_speech(astronaut_png, speech_wav)
                               _upload("audio", speech_wav, "s.wav"), None, resolution=64, limits=ServeLimits())
     assert prepared.portrait.image.shape == (64, 64, 3) and prepared.portrait.pose.shape == (6,)
     assert prepared.waveform.dtype == np.float32 and 2.0 < len(prepared.waveform) / 16000 < 6.0
-    assert prepared.num_frames == int(len(prepared.waveform) / 16000 * 25) and prepared.pose_frames is None
+    assert prepared.num_frames == num_frames(len(prepared.waveform)) and prepared.pose_frames is None
 
 
 @pytest.mark.parametrize("case, status, message", [
