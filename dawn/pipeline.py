@@ -176,7 +176,7 @@ class RenderPipeline:
         return torch.as_tensor(cond, dtype=torch.float32, device=self.device)[None]
 
     def source_tensor(self, portrait: Portrait) -> torch.Tensor:
-        return torch.as_tensor(portrait.image, device=self.device).permute(2, 0, 1)[None].float() / 255.0
+        return torch.tensor(portrait.image, device=self.device).permute(2, 0, 1)[None].float() / 255.0  # copies: the array may be read-only
 
     def sample_flows(self, portrait: Portrait, hubert: np.ndarray, motion: Motion, options: RenderOptions,
                      progress: Progress | None = None) -> torch.Tensor:
