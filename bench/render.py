@@ -5,6 +5,7 @@
     python bench/render.py --lengths 200 400 800 1600 --steps 2 --skip-baseline   # length scaling
     python bench/render.py --audio-seconds 8 32 128 --presets tiny hdtf128 --steps 2  # time/memory vs audio length
     python bench/render.py --long-audio-minutes 10 --steps 1 # a 10-minute render: does it fit in 24 GiB?
+    python bench/render.py --profile                         # top ops of one U-Net step of each variant
 
 The two variants, each run in its own subprocess so that its peak memory is its own:
 - ours: `RenderPipeline.sample_flows` (U-Net `prepare`d once per render, then `forward_prepared` per step,
@@ -182,9 +183,9 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s (by CPU time on CPU, wall on CUDA) of a size^2 fp32 matrix multiply."""
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s (by CPU time on CPU, wall on CUDA) of a size^2 matrix multiply."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
     best = 0.0
     for _ in range(repeats):
@@ -240,7 +241,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.existing = {t.untyped_storage()._cdata for m in models for t in (*m.parameters(), *m.buffers())}
         self.existing |= {t.untyped_storage()._cdata for t in existing}
         self.at_peak: list[tuple[int, str]] = []
-        self.module_stack = ["-"]
+        self.module_stack = ["(no module)"]
         self.hooks = []
         for model in models:
             for name, module in model.named_modules():
@@ -299,14 +300,14 @@ class LiveTensorBytes(TorchDispatchMode):
 
 @torch.no_grad()
 def predict_peak(variant: str, preset: str, frames: int, options: RenderOptions) -> dict:
-    """Replay one render's sampling and decoding on the meta device; peak live bytes of each stage (the
-    pipeline's noise buffers and uint8 frame buffer included) and the tensors alive at the sampling peak.
-    Sampling replays at most 2 steps: memory does not grow with the steps beyond the noise buffers."""
+    """Replay one render's sampling and decoding on the meta device: peak live bytes of each stage (the
+    pipeline's noise buffers and uint8 frame buffer included), the bytes of the U-Net's prepared context,
+    and the largest tensors alive at the sampling peak. One sampling step is replayed: beyond the noise
+    buffers (allocated in full), memory does not grow with the steps."""
     reference_mode = variant != "ours"
     lfg, a2v = build_models_meta(preset, reference_mode)
     c, s = a2v.config, lfg.config.image_size
     shape = (1, 3, frames, c.latent_size, c.latent_size)
-    replay = dataclasses.replace(options, steps=min(options.steps, 2))
     meta = torch.device("meta")
     with LiveTensorBytes([lfg, a2v]) as tracker:
         noise = [torch.empty(shape, device=meta) for _ in range(len(pipeline_noise(options, (1,), "cpu")))]
@@ -314,11 +315,13 @@ def predict_peak(variant: str, preset: str, frames: int, options: RenderOptions)
         source = torch.empty(1, 3, s, s, device=meta)
         box = torch.empty(1, 6, device=meta)
         features = a2v.source_features(lfg.source_latent(source), box)
+        before = tracker.live
         denoise = a2v.denoiser(features, cond) if not reference_mode else (lambda x, t: a2v(x, t, features, cond))
+        context = tracker.live - before
         # DPM-Solver++ reads schedule values on the host: replayed as deterministic DDIM, whose state
         # differs by one (1, 3, T, L, L) tensor (its previous x0)
         eta = options.eta if options.sampler == "ddim" else 0.0
-        flows = ddim_sample(a2v.schedule, denoise, shape, steps=replay.steps, eta=eta, noise=noise)
+        flows = ddim_sample(a2v.schedule, denoise, shape, steps=1, eta=eta, noise=noise)
         sampling_peak, at_peak = tracker.peak, tracker.at_peak
         del denoise, noise, features, cond
         tracker.peak = tracker.live
@@ -329,8 +332,24 @@ def predict_peak(variant: str, preset: str, frames: int, options: RenderOptions)
         decoded = lfg.decode(lfg.encode_source(source), source, grids, occlusion)
         (decoded.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         decoding_peak = tracker.peak
-    return {"sampling": sampling_peak, "decoding": decoding_peak, "peak": max(sampling_peak, decoding_peak),
-            "at_peak": at_peak}
+    return {"frames": frames, "sampling": sampling_peak, "decoding": decoding_peak, "context": context,
+            "peak": max(sampling_peak, decoding_peak), "at_peak": at_peak, "extrapolated": False}
+
+
+REPLAY_FRAMES = (400, 800)  # longer renders: replayed at these lengths and extrapolated (memory is linear)
+
+
+def predict_peak_any_length(variant: str, preset: str, frames: int, options: RenderOptions) -> dict:
+    """`predict_peak`; for ours extrapolated linearly from REPLAY_FRAMES above 2 x the longest of them (a
+    replay of ours at thousands of frames runs millions of small attention calls; the reference way's
+    memory is quadratic in T, and its replay is fast)."""
+    if frames <= 2 * REPLAY_FRAMES[-1] or variant != "ours":
+        return predict_peak(variant, preset, frames, options)
+    short, long = (predict_peak(variant, preset, n, options) for n in REPLAY_FRAMES)
+    scale = (frames - long["frames"]) / (long["frames"] - short["frames"])
+    out = {k: long[k] + scale * (long[k] - short[k]) for k in ("sampling", "decoding", "context", "peak")}
+    return {**out, "frames": frames, "at_peak": long["at_peak"], "at_peak_frames": long["frames"],
+            "extrapolated": True}
 
 
 def memory_available() -> int:
@@ -348,7 +367,7 @@ def run_worker(job: dict) -> dict:
     lfg, a2v = build_models(job["preset"], job["weights_seed"], reference_mode=not ours, device=job["device"])
     pipeline = RenderPipeline(lfg=lfg, a2v=a2v, device=job["device"], dtype=job["dtype"])
     portrait, hubert, motion = make_inputs(lfg.config.image_size, job["frames"], seed=job["seed"])
-    matmul = [matmul_gflops(device)]
+    matmul = [matmul_gflops(device, DTYPES[job["dtype"]])]
     result = {"loaded_bytes": _status_kib("VmRSS") * 1024 if device.type == "cpu" else torch.cuda.memory_allocated()}
 
     calls = count_unet_calls(a2v)
@@ -359,18 +378,17 @@ def run_worker(job: dict) -> dict:
             flows, wall, cpu = timed(lambda: reference_sample_flows(pipeline, portrait, hubert, motion, options), device)
     result["sampling"] = {"wall": wall, "cpu": cpu, "peak": sampling_memory.peak}
     result["unet_calls"] = len(calls)
-    if not job["skip_decode"]:
-        with PeakMemory(device) as decoding_memory:
-            if ours:
-                frames, wall, cpu = timed(lambda: pipeline.decode_frames(portrait, flows, options.decode_batch), device)
-            else:
-                frames, wall, cpu = timed(lambda: reference_decode_frames(pipeline, portrait, flows), device)
-        # the decoding peak is above a start that already holds the flows: report both above the loaded state
-        result["decoding"] = {"wall": wall, "cpu": cpu, "peak": decoding_memory.peak + decoding_memory.start
-                              - sampling_memory.start}
-        if job.get("frames_out"):
-            np.save(job["frames_out"], frames)
-    matmul.append(matmul_gflops(device))
+    with PeakMemory(device) as decoding_memory:
+        if ours:
+            frames, wall, cpu = timed(lambda: pipeline.decode_frames(portrait, flows, options.decode_batch), device)
+        else:
+            frames, wall, cpu = timed(lambda: reference_decode_frames(pipeline, portrait, flows), device)
+    # the decoding peak is above a start that already holds the flows: report both above the loaded state
+    result["decoding"] = {"wall": wall, "cpu": cpu, "peak": decoding_memory.peak + decoding_memory.start
+                          - sampling_memory.start}
+    if job.get("frames_out"):
+        np.save(job["frames_out"], frames)
+    matmul.append(matmul_gflops(device, DTYPES[job["dtype"]]))
     result["matmul_gflops"] = matmul
     if job.get("flows_out"):
         np.save(job["flows_out"], flows.cpu().numpy())
@@ -400,10 +418,10 @@ def mib(nbytes: float) -> str:
 
 
 def render_one(args, variant: str, preset: str, frames: int, steps: int, sampler: str, outputs: Path | None,
-               skip_decode: bool = False) -> dict:
+               predicted: dict | None = None) -> dict:
     """Predict the variant's memory; run it in a subprocess unless it cannot fit. Result dict."""
     options = RenderOptions(steps=steps, sampler=sampler, seed=args.seed)
-    predicted = predict_peak(variant, preset, frames, options)
+    predicted = predicted or predict_peak_any_length(variant, preset, frames, options)
     result = {"variant": variant, "preset": preset, "frames": frames, "steps": steps, "sampler": sampler,
               "predicted": predicted}
     available = memory_available()
@@ -413,13 +431,13 @@ def render_one(args, variant: str, preset: str, frames: int, steps: int, sampler
         return result
     job = {"variant": variant, "preset": preset, "frames": frames, "steps": steps, "sampler": sampler,
            "seed": args.seed, "weights_seed": args.weights_seed, "threads": args.threads, "device": args.device,
-           "dtype": args.dtype, "skip_decode": skip_decode}
+           "dtype": args.dtype if variant == "ours" else args.baseline_dtype}
     if outputs is not None:
         tag = variant.replace(" ", "_")
         job["flows_out"], job["frames_out"] = str(outputs / f"{tag}_flows.npy"), str(outputs / f"{tag}_frames.npy")
     result.update(spawn(job))
-    result["total"] = {k: result["sampling"][k] + result.get("decoding", {}).get(k, 0.0) for k in ("wall", "cpu")}
-    result["peak"] = max(result["sampling"]["peak"], result.get("decoding", {}).get("peak", 0))
+    result["total"] = {k: result["sampling"][k] + result["decoding"][k] for k in ("wall", "cpu")}
+    result["peak"] = max(result["sampling"]["peak"], result["decoding"]["peak"])
     return result
 
 
@@ -427,7 +445,8 @@ def header(args, preset: str) -> str:
     from dawn.models.lfg import LFGConfig
 
     s = LFGConfig.preset(preset).image_size
-    return (f"{preset} ({s} px, latent {s // 4}x{s // 4}), {args.dtype}, {args.device}, {args.threads} torch "
+    dtypes = args.dtype if args.dtype == args.baseline_dtype else f"ours {args.dtype} / reference way {args.baseline_dtype}"
+    return (f"{preset} ({s} px, latent {s // 4}x{s // 4}), {dtypes}, {args.device}, {args.threads} torch "
             f"thread(s), random weights (seed {args.weights_seed}), noise seed {args.seed}")
 
 
@@ -446,8 +465,9 @@ def compare(args) -> None:
                   f"({calls} U-Net calls)")
             print(f"{'':<15}{'sampling s':>17}{'decoding s':>17}{'total s':>17}{'peak MiB':>10}{'live MiB':>10}"
                   f"{'U-Net GFLOP/s':>15}{'of matmul':>11}")
+            per = "per CPU-s" if args.device == "cpu" else "(wall)"
             print(f"{'':<15}{'(wall / CPU)':>17}{'(wall / CPU)':>17}{'(wall / CPU)':>17}"
-                  f"{'(RSS)':>10}{'(meta)':>10}{'(per CPU-s)':>15}")
+                  f"{'(RSS)' if args.device == 'cpu' else '(CUDA)':>10}{'(meta)':>10}{per:>15}")
             for variant, r in results.items():
                 if "skipped" in r:
                     print(f"{variant:<15} skipped: {r['skipped']}")
@@ -460,8 +480,10 @@ def compare(args) -> None:
                       + f"{mib(r['peak']):>10}{mib(r['predicted']['peak']):>10}{gflops:>15.1f}{gflops / matmul:>10.0%}")
             ours = results["ours"]
             print(f"U-Net GFLOP per call: ours {flops['ours']:.1f} (forward_prepared), reference way "
-                  f"{flops['reference way']:.1f} (forward); matmul 2048^2 fp32: "
-                  + ", ".join(f"{g:.1f}" for g in ours["matmul_gflops"]) + " GFLOP per CPU-s (before, after)")
+                  f"{flops['reference way']:.1f} (forward); matmul 2048^2 in each variant's dtype, GFLOP/s "
+                  f"{per}, before and after its render: " + "; ".join(
+                      f"{v} " + ", ".join(f"{g:.0f}" for g in r["matmul_gflops"])
+                      for v, r in results.items() if "skipped" not in r))
             baseline = results.get("reference way")
             if baseline and "skipped" not in baseline:
                 ratio = {k: baseline["total"][k] / ours["total"][k] for k in ("wall", "cpu")}
@@ -507,20 +529,26 @@ def scaling(args, lengths: list[int], presets: list[str]) -> None:
 
 
 def long_audio(args) -> None:
-    """A render of `--long-audio-minutes`: predicted peak (and what is alive then); the render itself when
-    it fits in the available memory."""
+    """A render of `--long-audio-minutes`: predicted peak, the prepared context and the largest tensors
+    alive at the peak (per frame); the render itself when it fits in the available memory."""
     preset = args.presets[0]
     frames = int(args.long_audio_minutes * 60 * 25)
     options = RenderOptions(steps=args.steps, sampler=args.sampler[0], seed=args.seed)
-    predicted = predict_peak("ours", preset, frames, options)
+    predicted = predict_peak_any_length("ours", preset, frames, options)
+    how = (f"extrapolated from replays at {' and '.join(map(str, REPLAY_FRAMES))} frames"
+           if predicted["extrapolated"] else "replayed")
     print(f"long audio: {args.long_audio_minutes:g} min = {frames} frames, {header(args, preset)}; "
           f"{args.sampler[0]} {args.steps} steps")
-    print(f"live tensors (meta replay): sampling peak {predicted['sampling'] / GIB:.2f} GiB, decoding peak "
-          f"{predicted['decoding'] / GIB:.2f} GiB; budget 24 GiB: {'fits' if predicted['peak'] <= 24 * GIB else 'does NOT fit'}")
-    print("largest tensors alive at the sampling peak:")
+    print(f"live tensors (meta device, {how}): sampling peak {predicted['sampling'] / GIB:.2f} GiB "
+          f"({predicted['sampling'] / frames / 2**10:.0f} KiB per frame), of which the U-Net's prepared context "
+          f"{predicted['context'] / GIB:.2f} GiB ({predicted['context'] / frames / 2**10:.0f} KiB per frame); "
+          f"decoding peak {predicted['decoding'] / GIB:.2f} GiB")
+    print(f"24 GiB budget: {'fits' if predicted['peak'] <= 24 * GIB else 'does NOT fit'}")
+    replayed = predicted.get("at_peak_frames", frames)
+    print(f"largest tensors alive at the sampling peak (replay of {replayed} frames):")
     for nbytes, label in predicted["at_peak"]:
-        print(f"  {nbytes / GIB:6.2f} GiB  {label}")
-    r = render_one(args, "ours", preset, frames, args.steps, args.sampler[0], None)
+        print(f"  {nbytes / replayed / 2**10:8.1f} KiB per frame  {label}")
+    r = render_one(args, "ours", preset, frames, args.steps, args.sampler[0], None, predicted=predicted)
     if "skipped" in r:
         print(f"render not run: {r['skipped']}")
     else:
@@ -528,6 +556,33 @@ def long_audio(args) -> None:
               f"peak RSS above the loaded weights {r['peak'] / GIB:.2f} GiB "
               f"({'within' if r['peak'] <= 24 * GIB else 'over'} 24 GiB)")
     print()
+
+
+@torch.no_grad()
+def profile(args) -> None:
+    """torch.profiler: the ops that take the time in one U-Net step of each variant (self CPU time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    preset, frames = args.presets[0], args.frames[0]
+    for variant in VARIANTS[: 1 if args.skip_baseline else 2]:
+        _, a2v = build_models(preset, args.weights_seed, reference_mode=variant != "ours", device=args.device)
+        c = a2v.config
+        g = torch.Generator().manual_seed(args.seed)
+        x_t = torch.randn(1, 3, frames, c.latent_size, c.latent_size, generator=g).to(args.device)
+        features = torch.randn(1, c.source_channels + c.face_channels, c.latent_size, c.latent_size,
+                               generator=g).to(args.device)
+        cond = torch.randn(1, frames, c.cond_dim, generator=g).to(args.device)
+        t = torch.tensor([500], device=args.device)
+        step = (a2v.denoiser(features, cond) if variant == "ours" else lambda x, t: a2v(x, t, features, cond))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            step(x_t, t)
+        total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+        print(f"profile: one U-Net step, {variant}, {header(args, preset)}; {frames} frames; {total:.1f} s self CPU "
+              f"in ops")
+        sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=40))
 
 
 def main() -> None:
@@ -539,7 +594,9 @@ def main() -> None:
     parser.add_argument("--sampler", nargs="+", default=["ddim"], choices=["ddim", "dpm-solver++"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="ours (autocast as `dawn render`)")
+    parser.add_argument("--baseline-dtype", default="fp32", choices=sorted(DTYPES),
+                        help="the reference way (the official inference runs float32)")
     parser.add_argument("--seed", type=int, default=0, help="noise and input seed")
     parser.add_argument("--weights-seed", type=int, default=0)
     parser.add_argument("--skip-baseline", action="store_true", help="run ours only")
@@ -547,12 +604,16 @@ def main() -> None:
     parser.add_argument("--audio-seconds", nargs="+", type=float,
                         help="time and memory for these audio lengths at each of --presets, ratios to the first")
     parser.add_argument("--long-audio-minutes", type=float, help="predict (and run if it fits) a render this long")
+    parser.add_argument("--profile", action="store_true", help="top ops of one U-Net step of each variant")
+    parser.add_argument("--profile-rows", type=int, default=15)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return
     torch.set_num_threads(args.threads)
-    if args.long_audio_minutes:
+    if args.profile:
+        profile(args)
+    elif args.long_audio_minutes:
         long_audio(args)
     elif args.lengths:
         scaling(args, args.lengths, args.presets[:1])
