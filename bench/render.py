@@ -10,10 +10,14 @@
 The two variants, each run in its own subprocess so that its peak memory is its own:
 - ours: `RenderPipeline.sample_flows` (U-Net `prepare`d once per render, then `forward_prepared` per step,
   local temporal attention) and `RenderPipeline.decode_frames` (source encoded once, frames in batches);
-- reference way: `A2VFDM(reference_mode=True)` holding the same state dict, called through its plain
-  `forward` at every step (nothing precomputed; temporal attention with explicit T x T logits and window
-  mask), then every frame decoded alone with the source encoded again for it, as the official code does.
-  Both variants share dawn's other kernels, so the ratio is a lower bound of the gain over the official code.
+- reference way: the same A2VFDM's weights run by `reference_unet.reference_forward` at every step: the
+  U-Net forward as ARCHITECTURE.md §4.1-4.5 describes the official code computing it (contiguous
+  (B, C, T, H, W) activations and conv3d, the 275-channel input convolution, condition MLPs and generic
+  2-key cross-attentions recomputed per call, plain channel norms, temporal attention over all positions
+  at once with explicit T x T logits + relative bias + window mask), then every frame decoded alone with
+  the source encoded again for it, as the official code does. It is written from the description (we do
+  not have the official code) and shares none of dawn's model kernels; only the LFG decoder and the DDIM
+  sampler are dawn's in both variants.
 Random weights of the preset (seeded; cost does not depend on them), a synthetic portrait/condition, the
 noise the pipeline draws from `--seed`. Peak memory = peak RSS (VmHWM, reset once weights and inputs are
 loaded) minus the RSS at that point; on CUDA, max_memory_allocated minus the memory allocated at that point.
@@ -46,6 +50,7 @@ from torch.utils._pytree import tree_leaves
 
 from dawn.pipeline import DTYPES, Motion, Portrait, RenderOptions, RenderPipeline
 from dawn.models.diffusion import ddim_sample, ddim_timesteps, dpm_solver_sample
+from reference_unet import reference_forward  # bench/reference_unet.py (scripts here import by name)
 
 GIB = 2**30
 VARIANTS = ("ours", "reference way")
@@ -53,19 +58,12 @@ VARIANTS = ("ours", "reference way")
 
 # --- the two ways of rendering ------------------------------------------------------------------------
 
-def build_models(preset: str, seed: int, reference_mode: bool, device: str = "cpu"):
-    """(LFG, A2VFDM) of a preset with the random weights of `seed`; the U-Net in reference mode if asked
-    (same state dict: reference_mode changes how temporal attention is computed, not the parameters)."""
-    from dawn.models.unet3d import A2VFDM
+def build_models(preset: str, seed: int, device: str = "cpu"):
+    """(LFG, A2VFDM) of a preset with the random weights of `seed` (both variants run these weights)."""
     from dawn.render import build_models as build_preset
 
     models = build_preset(preset, seed)
-    lfg, a2v = models["lfg"], models["a2v"]
-    if reference_mode:
-        reference = A2VFDM(dataclasses.replace(a2v.config, reference_mode=True))
-        reference.load_state_dict(a2v.state_dict())
-        a2v = reference
-    return lfg.to(device).eval(), a2v.to(device).eval()
+    return models["lfg"].to(device).eval(), models["a2v"].to(device).eval()
 
 
 def make_inputs(image_size: int, frames: int, seed: int = 0) -> tuple[Portrait, np.ndarray, Motion]:
@@ -102,9 +100,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 @torch.no_grad()
 def reference_sample_flows(pipeline: RenderPipeline, portrait: Portrait, hubert: np.ndarray, motion: Motion,
-                           options: RenderOptions) -> torch.Tensor:
-    """Sampling the reference's way: the plain U-Net forward at every step (nothing prepared once).
-    Same condition, source features and noise as `pipeline.sample_flows` -> (1, 3, T, L, L)."""
+                           options: RenderOptions, calls: list | None = None) -> torch.Tensor:
+    """Sampling the reference's way: `reference_forward` at every step (nothing prepared once; appends to
+    `calls` at each). Same condition, source features and noise as `pipeline.sample_flows` -> (1, 3, T, L, L)."""
     a2v, device = pipeline.a2v, pipeline.device
     cond = pipeline.condition(portrait, hubert, motion)
     source = pipeline.source_tensor(portrait)
@@ -116,7 +114,9 @@ def reference_sample_flows(pipeline: RenderPipeline, portrait: Portrait, hubert:
         features = a2v.source_features(pipeline.lfg.source_latent(source), box)
 
         def denoise(x_t, t):
-            return a2v(x_t, t, features, cond)
+            if calls is not None:
+                calls.append(1)
+            return reference_forward(a2v, x_t, t, features, cond)
 
         if options.sampler == "ddim":
             flows = ddim_sample(a2v.schedule, denoise, shape, steps=options.steps, eta=options.eta, noise=noise)
@@ -194,13 +194,13 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, size
     return best
 
 
-def unet_gflop(preset: str, frames: int, reference_mode: bool) -> float:
+def unet_gflop(preset: str, frames: int, reference_way: bool) -> float:
     """FLOPs (1e9) of one U-Net denoising step for one render, counted on the meta device: ours is
-    `forward_prepared` (what a step runs), the reference way the whole `forward`."""
+    `forward_prepared` (what a step runs), the reference way `reference_forward`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        lfg, a2v = build_models_meta(preset, reference_mode)
+        lfg, a2v = build_models_meta(preset)
         c = a2v.config
         x_t = torch.empty(1, 3, frames, c.latent_size, c.latent_size)
         t = torch.zeros(1, dtype=torch.long)
@@ -208,9 +208,9 @@ def unet_gflop(preset: str, frames: int, reference_mode: bool) -> float:
         cond = torch.empty(1, frames, c.cond_dim)
         counter = FlopCounterMode(display=False)
         with torch.no_grad():
-            if reference_mode:
+            if reference_way:
                 with counter:
-                    a2v(x_t, t, features, cond)
+                    reference_forward(a2v, x_t, t, features, cond)
             else:
                 context = a2v.prepare(features, cond)
                 with counter:
@@ -218,14 +218,13 @@ def unet_gflop(preset: str, frames: int, reference_mode: bool) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def build_models_meta(preset: str, reference_mode: bool):
+def build_models_meta(preset: str):
     from dawn.models.lfg import LFG, LFGConfig
     from dawn.models.unet3d import A2VFDM, A2VConfig
 
     with torch.device("meta"):
         lfg = LFG(LFGConfig.preset(preset)).eval()
-        config = dataclasses.replace(A2VConfig.preset(preset), source_channels=lfg.config.latent_channels,
-                                     reference_mode=reference_mode)
+        config = dataclasses.replace(A2VConfig.preset(preset), source_channels=lfg.config.latent_channels)
         return lfg, A2VFDM(config).eval()
 
 
@@ -304,8 +303,8 @@ def predict_peak(variant: str, preset: str, frames: int, options: RenderOptions)
     pipeline's noise buffers and uint8 frame buffer included), the bytes of the U-Net's prepared context,
     and the largest tensors alive at the sampling peak. One sampling step is replayed: beyond the noise
     buffers (allocated in full), memory does not grow with the steps."""
-    reference_mode = variant != "ours"
-    lfg, a2v = build_models_meta(preset, reference_mode)
+    reference_way = variant != "ours"
+    lfg, a2v = build_models_meta(preset)
     c, s = a2v.config, lfg.config.image_size
     shape = (1, 3, frames, c.latent_size, c.latent_size)
     meta = torch.device("meta")
@@ -316,7 +315,8 @@ def predict_peak(variant: str, preset: str, frames: int, options: RenderOptions)
         box = torch.empty(1, 6, device=meta)
         features = a2v.source_features(lfg.source_latent(source), box)
         before = tracker.live
-        denoise = a2v.denoiser(features, cond) if not reference_mode else (lambda x, t: a2v(x, t, features, cond))
+        denoise = (a2v.denoiser(features, cond) if not reference_way
+                   else (lambda x, t: reference_forward(a2v, x, t, features, cond)))
         context = tracker.live - before
         # DPM-Solver++ reads schedule values on the host: replayed as deterministic DDIM, whose state
         # differs by one (1, 3, T, L, L) tensor (its previous x0)
@@ -326,7 +326,7 @@ def predict_peak(variant: str, preset: str, frames: int, options: RenderOptions)
         del denoise, noise, features, cond
         tracker.peak = tracker.live
         tracker.add(frames * s * s * 3, "frames (T, S, S, 3) uint8")
-        batch = options.decode_batch if not reference_mode else 1
+        batch = options.decode_batch if not reference_way else 1
         grids = flows[0, :2].permute(1, 2, 3, 0)[:batch]
         occlusion = (flows[0, 2:3].transpose(0, 1) + 1)[:batch] / 2
         decoded = lfg.decode(lfg.encode_source(source), source, grids, occlusion)
@@ -364,18 +364,19 @@ def run_worker(job: dict) -> dict:
     device = torch.device(job["device"])
     options = RenderOptions(steps=job["steps"], sampler=job["sampler"], seed=job["seed"])
     ours = job["variant"] == "ours"
-    lfg, a2v = build_models(job["preset"], job["weights_seed"], reference_mode=not ours, device=job["device"])
+    lfg, a2v = build_models(job["preset"], job["weights_seed"], device=job["device"])
     pipeline = RenderPipeline(lfg=lfg, a2v=a2v, device=job["device"], dtype=job["dtype"])
     portrait, hubert, motion = make_inputs(lfg.config.image_size, job["frames"], seed=job["seed"])
     matmul = [matmul_gflops(device, DTYPES[job["dtype"]])]
     result = {"loaded_bytes": _status_kib("VmRSS") * 1024 if device.type == "cpu" else torch.cuda.memory_allocated()}
 
-    calls = count_unet_calls(a2v)
+    calls = count_unet_calls(a2v) if ours else []
     with PeakMemory(device) as sampling_memory:
         if ours:
             flows, wall, cpu = timed(lambda: pipeline.sample_flows(portrait, hubert, motion, options), device)
         else:
-            flows, wall, cpu = timed(lambda: reference_sample_flows(pipeline, portrait, hubert, motion, options), device)
+            flows, wall, cpu = timed(lambda: reference_sample_flows(pipeline, portrait, hubert, motion, options, calls),
+                                     device)
     result["sampling"] = {"wall": wall, "cpu": cpu, "peak": sampling_memory.peak}
     result["unet_calls"] = len(calls)
     with PeakMemory(device) as decoding_memory:
@@ -396,8 +397,7 @@ def run_worker(job: dict) -> dict:
 
 
 def count_unet_calls(a2v) -> list:
-    """A list that grows by one at every U-Net step of a2v (its denoiser and its plain forward both run
-    `unet.forward_prepared`)."""
+    """A list that grows by one at every U-Net step of a2v's denoiser (it runs `unet.forward_prepared`)."""
     calls = []
     forward_prepared = a2v.unet.forward_prepared
     a2v.unet.forward_prepared = lambda *args: calls.append(1) or forward_prepared(*args)
@@ -480,7 +480,7 @@ def compare(args) -> None:
                       + f"{mib(r['peak']):>10}{mib(r['predicted']['peak']):>10}{gflops:>15.1f}{gflops / matmul:>10.0%}")
             ours = results["ours"]
             print(f"U-Net GFLOP per call: ours {flops['ours']:.1f} (forward_prepared), reference way "
-                  f"{flops['reference way']:.1f} (forward); matmul 2048^2 in each variant's dtype, GFLOP/s "
+                  f"{flops['reference way']:.1f} (reference_forward); matmul 2048^2 in each variant's dtype, GFLOP/s "
                   f"{per}, before and after its render: " + "; ".join(
                       f"{v} " + ", ".join(f"{g:.0f}" for g in r["matmul_gflops"])
                       for v, r in results.items() if "skipped" not in r))
@@ -566,7 +566,7 @@ def profile(args) -> None:
 
     preset, frames = args.presets[0], args.frames[0]
     for variant in VARIANTS[: 1 if args.skip_baseline else 2]:
-        _, a2v = build_models(preset, args.weights_seed, reference_mode=variant != "ours", device=args.device)
+        _, a2v = build_models(preset, args.weights_seed, device=args.device)
         c = a2v.config
         g = torch.Generator().manual_seed(args.seed)
         x_t = torch.randn(1, 3, frames, c.latent_size, c.latent_size, generator=g).to(args.device)
@@ -574,7 +574,8 @@ def profile(args) -> None:
                                generator=g).to(args.device)
         cond = torch.randn(1, frames, c.cond_dim, generator=g).to(args.device)
         t = torch.tensor([500], device=args.device)
-        step = (a2v.denoiser(features, cond) if variant == "ours" else lambda x, t: a2v(x, t, features, cond))
+        step = (a2v.denoiser(features, cond) if variant == "ours"
+                else lambda x, t: reference_forward(a2v, x, t, features, cond))
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
         with torch_profile(activities=activities) as prof:
             step(x_t, t)

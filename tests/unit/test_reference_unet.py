@@ -1,0 +1,44 @@
+"""bench/reference_unet.py (the benchmark baseline computing the U-Net forward the official code's way)
+gives dawn's forward: same eps within float32 rounding, window mask active."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dawn.models.unet3d import A2VConfig, A2VFDM
+
+# bench/ is a folder of scripts, not a package: its modules import by name, as bench/render.py does
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from reference_unet import reference_forward  # noqa: E402
+
+FRAMES = 50  # > 2 x window 40 + 1: frames beyond the window are masked
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: spinning OpenMP threads are slow on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_reference_forward_equals_dawn_forward():
+    torch.manual_seed(0)
+    a2v = A2VFDM(A2VConfig.preset("tiny")).eval()
+    assert a2v.config.window == 40
+    with torch.no_grad():  # gains, biases, q/k scales away from their 1/0 initial values
+        for name, p in a2v.named_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    c, size = a2v.config, a2v.config.latent_size
+    x_t = torch.randn(1, 3, FRAMES, size, size)
+    t = torch.tensor([500])
+    features = torch.randn(1, c.source_channels + c.face_channels, size, size)
+    cond = torch.randn(1, FRAMES, c.cond_dim)
+    with torch.no_grad():
+        ours = a2v(x_t, t, features, cond)
+    reference = reference_forward(a2v, x_t, t, features, cond)
+    assert reference.shape == ours.shape == (1, 3, FRAMES, size, size)
+    assert (reference - ours).abs().max() <= 1e-5 * ours.abs().max()
