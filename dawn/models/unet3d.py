@@ -13,6 +13,11 @@ Built for long renders (200+ frames, 20 DDIM steps) on CPUs:
   Sequences (one per spatial position) are processed in chunks to bound the working set.
 - Activations stay (B, C, T, H, W) in channels_last_3d memory: per-frame (1, k, k) convolutions are
   2D convolutions on a free (B*T, C, H, W) view, token-wise layers read a free (B, T, H, W, C) view.
+- Inference (no gradients) runs every per-frame layer over chunks of frames and updates activations in
+  place (`infer` methods), so a render holds a few activations of the whole clip plus one chunk's working
+  set: memory is linear in T with a small constant (a 10-minute clip at 128 px fits in 24 GiB). GroupNorm,
+  the only layer besides temporal attention that mixes frames, takes its statistics in a first pass over
+  the clip. Training (gradients on) uses the plain `forward` methods; both compute the same function.
 - Cross-attention to the two keys [null, this frame's condition] is the closed form of a 2-way
   softmax: attn(cond) = sigmoid(logit_cond - logit_null).
 
@@ -31,9 +36,12 @@ from torch import nn
 from dawn.models.attention import RelativePositionBias, RotaryEmbedding, full_attention_bias, local_attention
 from dawn.models.diffusion import CosineSchedule
 
-# Temporal attention handles at most this many (sequence x frame) tokens at once (about 25 MB of q/k/v
+# Temporal attention handles at most this many (sequence x frame) tokens at once (about 100 MB of q/k/v
 # in float32): long renders then need no more memory per layer than a short clip.
-TEMPORAL_TOKENS_PER_CHUNK = 2**13
+TEMPORAL_TOKENS_PER_CHUNK = 2**15
+# Inference runs per-frame layers over chunks of frames of at most this many activation elements (128
+# frames of a 64-channel 32x32 level, 32 MB in float32).
+FRAME_CHUNK_ELEMENTS = 2**23
 
 
 @dataclass
@@ -104,8 +112,37 @@ def from_tokens(tokens: torch.Tensor) -> torch.Tensor:
 def per_frame(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a 2D layer to every frame of x (B, C, T, H, W): a (1, k, k) 3D convolution."""
     b, c, t, h, w = x.shape
-    y = layer(x.transpose(1, 2).reshape(b * t, c, h, w))
+    frames = to_tokens(x).reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # channels_last (B*T, C, H, W)
+    y = layer(frames)
     return y.view(b, t, *y.shape[1:]).transpose(1, 2)
+
+
+def frame_chunks(x: torch.Tensor) -> list[slice]:
+    """Slices of the frame axis of x (B, C, T, H, W) of at most FRAME_CHUNK_ELEMENTS elements per sample."""
+    t, per_frame_elements = x.shape[2], x.shape[1] * x.shape[3] * x.shape[4]
+    step = max(1, FRAME_CHUNK_ELEMENTS // per_frame_elements)
+    return [slice(start, min(start + step, t)) for start in range(0, t, step)]
+
+
+def concat_frames(parts: list[torch.Tensor], frames: slice) -> torch.Tensor:
+    """The channel concatenation of `parts` (B, C_i, T, H, W) for a slice of frames (the skip connections'
+    concatenation, made one chunk at a time)."""
+    if len(parts) == 1:
+        return parts[0][:, :, frames]
+    return torch.cat([p[:, :, frames] for p in parts], dim=1)
+
+
+def map_chunks(fn, chunks: list[slice], frames: int) -> torch.Tensor:
+    """out[:, :, s] = fn(s) for every chunk s of the frame axis; out (B, C, T, H, W) channels_last_3d,
+    allocated from the first result (its dtype follows autocast)."""
+    out = None
+    for frame_slice in chunks:
+        y = fn(frame_slice)
+        if out is None:
+            out = torch.empty((*y.shape[:2], frames, *y.shape[3:]), dtype=y.dtype, device=y.device,
+                              memory_format=torch.channels_last_3d)
+        out[:, :, frame_slice] = y
+    return out
 
 
 # --- building blocks -------------------------------------------------------------------------------
@@ -153,12 +190,31 @@ class CrossAttentionTerms:
     gain-only LayerNorm is then exact from c_a = [1, s_a1, ...]: mean and centring are linear in c_a,
     the variance is c_a^T G_a c_a with the Gram matrix G_a of the centred V_a, so the block's whole
     conditioning term is one product of per-token coefficients with per-frame vectors.
+
+    Stored once per render: the condition MLPs' keys (as w) and values, a few hundred floats per frame
+    and block; `for_frames` expands them to the per-frame products a chunk of frames needs.
     """
 
     q_weight: torch.Tensor  # (3 * heads * dh, cin): to_q with the input-norm gain folded in
-    logit_query: torch.Tensor  # (B*T, cin, 3 * heads): <q_ah, w_ah> = normed token @ this, per frame
-    gram: torch.Tensor  # (B*T, 3, heads + 1, heads + 1): G_a
-    out_vectors: torch.Tensor  # (B*T, 3 * (heads + 1), cout): centred V_aj times the output-norm gain
+    w: torch.Tensor  # (B, T, 3, heads, dh)
+    value_diff: torch.Tensor  # (B, T, 3, heads, dh): value - null value
+    null_out: torch.Tensor  # (3, cout): to_out of the null value
+    out_weight: torch.Tensor  # (3, cout, heads, dh): to_out weights
+    gains: torch.Tensor  # (3, cout): gains of the output norms
+
+    def for_frames(self, frames: slice = slice(None)):
+        """Per-frame products for frames: logit_query (B*T', cin, 3*heads) with <q_ah, w_ah> = normed
+        token @ logit_query, Gram matrices (B*T', 3, heads+1, heads+1) and the centred value vectors times
+        the output gain (B*T', 3*(heads+1), cout)."""
+        w, value_diff = self.w[:, frames], self.value_diff[:, frames]
+        b, t, _, heads, dh = w.shape
+        logit_query = torch.einsum("ahdc,btahd->btcah", self.q_weight.view(3, heads, dh, -1), w)
+        values = torch.cat([self.null_out[:, None].expand(b, t, 3, 1, -1),
+                            torch.einsum("achd,btahd->btahc", self.out_weight, value_diff)], dim=3)  # V_aj
+        centred = values - values.mean(-1, keepdim=True)
+        gram = centred @ centred.transpose(-1, -2) / values.shape[-1]
+        return (logit_query.reshape(b * t, -1, 3 * heads), gram.reshape(b * t, 3, heads + 1, heads + 1),
+                (centred * self.gains[:, None, :]).reshape(b * t, 3 * (heads + 1), -1))
 
 
 class CrossAttention(nn.Module):
@@ -185,7 +241,8 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, dim_out, bias=False), GainLayerNorm(dim_out))
 
     def prepare(self, context: torch.Tensor):
-        """context (B, T, context_dim) -> q_weight (h*dh, cin), w (B, T, h, dh), V (B, T, h+1, cout)."""
+        """context (B, T, context_dim) -> q_weight (h*dh, cin), w (B, T, h, dh), value - null value
+        (B, T, h, dh), to_out of the null value (cout,), to_out weight (cout, h, dh)."""
         b, t, _ = context.shape
         k, v = self.to_kv(context).view(b, t, 2, self.heads, self.dim_head).unbind(2)
         null_k, null_v = self.null_kv.unbind(0)
@@ -193,9 +250,7 @@ class CrossAttention(nn.Module):
         k_null = F.normalize(null_k, dim=-1) * self.k_scale
         w = self.scale * self.q_scale * (k_cond - k_null)
         out_weight = self.to_out[0].weight.view(-1, self.heads, self.dim_head)  # (cout, h, dh)
-        null_out = (out_weight.sum(1) @ null_v).expand(b, t, 1, -1)
-        values = torch.cat([null_out, torch.einsum("chd,bthd->bthc", out_weight, v - null_v)], dim=2)
-        return self.to_q.weight * self.norm.g, w, values
+        return self.to_q.weight * self.norm.g, w, v - null_v, out_weight.sum(1) @ null_v, out_weight
 
 
 class ConvBlock(nn.Module):
@@ -212,6 +267,33 @@ class ConvBlock(nn.Module):
             scale, shift = scale_shift  # (B, C, 1, 1, 1) each
             h = torch.addcmul(shift, h, scale + 1)
         return F.silu(h)
+
+    def moments(self, h: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """GroupNorm statistics of h (B, C, T', H, W), a chunk of frames: (elements per group, mean (B, G),
+        variance (B, G)), from the native GroupNorm kernel (its output is discarded)."""
+        b, c = h.shape[:2]
+        count = h[0, 0].numel() * (c // self.norm.num_groups)
+        _, mean, rstd = torch.ops.aten.native_group_norm(h, None, None, b, c, h[0, 0].numel(),
+                                                         self.norm.num_groups, self.norm.eps)
+        return count, mean.float(), rstd.float().pow(-2) - self.norm.eps
+
+    def affine(self, moments: list, scale_shift=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """GroupNorm over all frames (statistics of the chunks' `moments` combined exactly) and the
+        scale/shift as one per-channel affine map: (a, b), each (B, C, 1, 1, 1), norm-then-scale/shift(h)
+        = h * a + b."""
+        counts = torch.tensor([n for n, _, _ in moments], dtype=torch.float32)[:, None, None]
+        means, variances = torch.stack([m for _, m, _ in moments]), torch.stack([v for _, _, v in moments])
+        counts = counts.to(means.device)
+        mean = (counts * means).sum(0) / counts.sum()
+        var = (counts * (variances + (means - mean) ** 2)).sum(0) / counts.sum()  # (B, G)
+        per_group = self.norm.num_channels // self.norm.num_groups
+        a = torch.rsqrt(var + self.norm.eps).repeat_interleave(per_group, dim=1) * self.norm.weight  # (B, C)
+        b = self.norm.bias - mean.repeat_interleave(per_group, dim=1) * a
+        a, b = a[:, :, None, None, None], b[:, :, None, None, None]
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            a, b = a * (scale + 1), b * (scale + 1) + shift
+        return a, b
 
 
 class ResnetBlock(nn.Module):
@@ -251,32 +333,27 @@ class ResnetBlock(nn.Module):
         attns = (self.cross_attn_aud, self.cross_attn_pose, self.cross_attn_eye)
         parts = [attn.prepare(mlp(c)) for attn, mlp, c in zip(attns, (self.audio_mlp, self.pose_mlp, self.eye_mlp),
                                                                (audio, pose, eye))]
-        q_weight = torch.cat([p[0] for p in parts])  # (3*h*dh, cin)
-        w = torch.stack([p[1] for p in parts], dim=2)  # (B, T, 3, h, dh)
-        b, t, _, heads, dh = w.shape
-        logit_query = torch.einsum("ahdc,btahd->btcah", q_weight.view(3, heads, dh, -1), w)
-        values = torch.stack([p[2] for p in parts], dim=2)  # (B, T, 3, h+1, cout)
-        centred = values - values.mean(-1, keepdim=True)
-        gram = centred @ centred.transpose(-1, -2) / values.shape[-1]
-        gains = torch.stack([attn.to_out[1].g for attn in attns])[:, None, :]  # (3, 1, cout)
-        return CrossAttentionTerms(q_weight, logit_query.reshape(b * t, -1, 3 * heads),
-                                   gram.reshape(b * t, 3, heads + 1, heads + 1),
-                                   (centred * gains).reshape(b * t, 3 * (heads + 1), -1))
+        q_weights, ws, value_diffs, null_outs, out_weights = zip(*parts)
+        gains = torch.stack([attn.to_out[1].g for attn in attns])
+        return CrossAttentionTerms(torch.cat(q_weights), torch.stack(ws, dim=2), torch.stack(value_diffs, dim=2),
+                                   torch.stack(null_outs), torch.stack(out_weights), gains)
 
-    def cross_attention(self, x: torch.Tensor, terms: CrossAttentionTerms) -> torch.Tensor:
-        """Sum of the audio, pose and eye cross-attentions of x (B, C, T, H, W) -> (B, cout, T, H, W)."""
+    def cross_attention(self, x: torch.Tensor, terms: CrossAttentionTerms, frames: slice = slice(None)) -> torch.Tensor:
+        """Sum of the audio, pose and eye cross-attentions of x (B, C, T', H, W), the given frames of the
+        render -> (B, cout, T', H, W)."""
         b, c, t, h, w = x.shape
         eps = self.cross_attn_norm_eps
         if eps is None:
             eps = 1e-5 if x.dtype == torch.float32 else 1e-3
+        logit_query, gram, out_vectors = terms.for_frames(frames)
         tokens = F.layer_norm(to_tokens(x).reshape(b * t, h * w, c), (c,), eps=eps)  # (B*T, HW, cin)
-        heads = terms.gram.shape[-1] - 1
+        heads = gram.shape[-1] - 1
         q_norm = torch.linalg.vector_norm((tokens @ terms.q_weight.t()).unflatten(-1, (3 * heads, -1)), dim=-1)
-        attn_cond = torch.sigmoid((tokens @ terms.logit_query) / q_norm.clamp_min(1e-12))  # (B*T, HW, 3*h)
+        attn_cond = torch.sigmoid((tokens @ logit_query) / q_norm.clamp_min(1e-12))  # (B*T, HW, 3*h)
         coef = F.pad(attn_cond.unflatten(-1, (3, heads)), (1, 0), value=1.0)  # c_a: (B*T, HW, 3, h+1)
-        variance = (torch.einsum("bnai,baij->bnaj", coef, terms.gram) * coef).sum(-1).clamp_min(0)
+        variance = (torch.einsum("bnai,baij->bnaj", coef, gram) * coef).sum(-1).clamp_min(0)
         coef = coef * torch.rsqrt(variance + eps)[..., None]
-        out = coef.flatten(-2) @ terms.out_vectors  # (B*T, HW, cout)
+        out = coef.flatten(-2) @ out_vectors  # (B*T, HW, cout)
         return from_tokens(out.view(b, t, h, w, -1))
 
     def forward(self, x, time_emb=None, terms: CrossAttentionTerms | None = None) -> torch.Tensor:
@@ -290,13 +367,51 @@ class ResnetBlock(nn.Module):
         h = self.block2(h)
         return h + per_frame(self.res_conv, x)
 
+    @torch.no_grad()
+    def infer(self, inputs: list[torch.Tensor], time_emb=None, terms: CrossAttentionTerms | None = None):
+        """`forward` of the channel concatenation of inputs, chunk by chunk of frames (inference): one new
+        (B, cout, T, H, W) activation, written in place through three passes (conv1 | GroupNorm-1 ...
+        conv2 | GroupNorm-2 ...), each GroupNorm's statistics taken over the whole clip in between."""
+        frames = inputs[0].shape[2]
+        chunks = frame_chunks(inputs[0])
+        if len(chunks) == 1 and len(inputs) > 1:  # a short clip: concatenate the skip connection once
+            inputs = [concat_frames(inputs, chunks[0])]
+        scale_shift = None
+        if self.conditioned:
+            scale_shift = self.time_mlp(time_emb)[:, :, None, None, None].chunk(2, dim=1)
+
+        def conv1(s: slice) -> torch.Tensor:
+            y = per_frame(self.block1.proj, concat_frames(inputs, s))
+            moments.append(self.block1.moments(y))
+            return y
+
+        moments = []
+        h = map_chunks(conv1, chunks, frames)
+        a, b = self.block1.affine(moments, scale_shift)
+        moments = []
+        for s in chunks:  # h = conv2(SiLU(GN(conv1 x) * (scale + 1) + shift) + cross-attention(x))
+            part = h[:, :, s]
+            F.silu(part.mul_(a).add_(b), inplace=True)
+            if self.conditioned:
+                part += self.cross_attention(concat_frames(inputs, s), terms, s)
+            y = per_frame(self.block2.proj, part)  # a per-frame conv: only this chunk's frames
+            moments.append(self.block2.moments(y))
+            part.copy_(y)
+        a, b = self.block2.affine(moments)
+        for s in chunks:  # h = SiLU(GN(h)) + res_conv(x)
+            part = h[:, :, s]
+            F.silu(part.mul_(a).add_(b), inplace=True)
+            part += per_frame(self.res_conv, concat_frames(inputs, s))
+        return h
+
 
 class SpatialLinearAttention(nn.Module):
     """Residual(PreNorm) linear attention over the H*W positions of each frame (§4.4, levels).
 
     Per frame and head: q softmax over features, k softmax over positions, context = sum_n k_n v_n^T
     (dh x dh), out = context^T q, then to_out. Here the k normalisation is applied to the small
-    context, and to_out (and the q scale) is folded into it, so per token only q is touched again.
+    context, and where a frame has more positions than channels to_out (and the q scale) is folded
+    into it, so per token only q is touched again.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int):
@@ -306,7 +421,8 @@ class SpatialLinearAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, T, H, W) -> the attention output added to x by the residual connection."""
         b, c, t, h, w = x.shape
         tokens = to_tokens(x).reshape(b * t, h * w, c)
         tokens = self.norm(tokens)
@@ -317,10 +433,24 @@ class SpatialLinearAttention(nn.Module):
         k_exp = (k - k.amax(dim=1, keepdim=True)).exp_()
         context = torch.stack([k_exp[:, :, i].transpose(1, 2) @ v[:, :, i] for i in range(self.heads)], dim=1)
         context = context / k_exp.sum(dim=1)[..., None]  # (B*T, heads, dh, dh): softmax over positions
-        out_weight = self.to_out.weight.view(c, self.heads, self.dim_head) * self.dim_head**-0.5
-        fold = torch.einsum("bhde,che->bhdc", context, out_weight).reshape(b * t, -1, c)
-        out = torch.baddbmm(self.to_out.bias, q.reshape(b * t, h * w, -1), fold)
-        return x + from_tokens(out.view(b, t, h, w, c))
+        out_weight = self.to_out.weight * self.dim_head**-0.5
+        if h * w > c:  # more positions than channels: fold to_out into each frame's contexts
+            fold = torch.einsum("bhde,che->bhdc", context, out_weight.view(c, self.heads, self.dim_head))
+            out = torch.baddbmm(self.to_out.bias, q.reshape(b * t, h * w, -1), fold.reshape(b * t, -1, c))
+        else:
+            out = F.linear(torch.einsum("bnhd,bhde->bnhe", q, context).reshape(b * t, h * w, -1), out_weight,
+                           self.to_out.bias)
+        return from_tokens(out.view(b, t, h, w, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attend(x)
+
+    @torch.no_grad()
+    def infer_(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` in place, chunk by chunk of frames (inference)."""
+        for s in frame_chunks(x):
+            x[:, :, s] += self.attend(x[:, :, s])
+        return x
 
 
 class SpatialAttention(nn.Module):
@@ -333,13 +463,17 @@ class SpatialAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, T, H, W) -> the attention output added to x by the residual connection."""
         b, c, t, h, w = x.shape
         tokens = to_tokens(x).reshape(b * t, h * w, c)
         qkv = self.to_qkv(self.norm(tokens)).view(b * t, h * w, 3, self.heads, self.dim_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B*T, heads, HW, dh)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, h * w, -1)
-        return x + from_tokens(self.to_out(out).view(b, t, h, w, c))
+        return from_tokens(self.to_out(out).view(b, t, h, w, c))
+
+    forward = SpatialLinearAttention.forward
+    infer_ = SpatialLinearAttention.infer_
 
 
 class RelativeBiasTable:
@@ -420,15 +554,28 @@ class TemporalAttention(nn.Module):
             out = local_attention(q, k, v, ctx.window, ctx.bias)
         return self.to_out(out.permute(2, 0, 1, 3).reshape(t, n, -1))
 
+    def position_chunks(self, x: torch.Tensor, ctx: TemporalContext) -> list[tuple[int, slice]]:
+        """(sample, slice of the H*W positions) pieces of x (B, C, T, H, W) that are attended at once."""
+        b, _, t, h, w = x.shape
+        step = h * w if ctx.reference_mode else max(1, TEMPORAL_TOKENS_PER_CHUNK // t)
+        return [(i, slice(start, start + step)) for i in range(b) for start in range(0, h * w, step)]
+
     def forward(self, x: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
         b, c, t, h, w = x.shape
         tokens = to_tokens(x).reshape(b, t, h * w, c)
         out = torch.empty_like(tokens)
-        chunk = h * w if ctx.reference_mode else max(1, TEMPORAL_TOKENS_PER_CHUNK // t)
-        for i in range(b):
-            for start in range(0, h * w, chunk):
-                out[i, :, start:start + chunk] = self.attend(tokens[i, :, start:start + chunk], ctx)
+        for i, positions in self.position_chunks(x, ctx):
+            out[i, :, positions] = self.attend(tokens[i, :, positions], ctx)
         return x + from_tokens(out.view(b, t, h, w, c))
+
+    @torch.no_grad()
+    def infer_(self, x: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
+        """`forward` in place (inference): a position's output only reads that position's frames."""
+        b, c, t, h, w = x.shape
+        tokens = to_tokens(x).view(b, t, h * w, c)  # x is channels_last_3d: a view
+        for i, positions in self.position_chunks(x, ctx):
+            tokens[i, :, positions] += self.attend(tokens[i, :, positions], ctx)
+        return x
 
 
 class Level(nn.Module):
@@ -449,6 +596,18 @@ class Level(nn.Module):
         x = self.temporal_attn(self.spatial_attn(x), temporal)
         return x, per_frame(self.resample, x)
 
+    @torch.no_grad()
+    def infer(self, inputs: list[torch.Tensor], time_emb, terms, temporal: TemporalContext):
+        """`forward` of the channel concatenation of inputs (inference, chunked). Empties `inputs` once
+        they are read, so that the caller's list holds no reference to them."""
+        x = self.res1.infer(inputs, time_emb, terms[0])
+        inputs.clear()
+        x = self.res2.infer([x], time_emb, terms[1])
+        self.temporal_attn.infer_(self.spatial_attn.infer_(x), temporal)
+        if isinstance(self.resample, nn.Identity):
+            return x, x
+        return x, map_chunks(lambda s: per_frame(self.resample, x[:, :, s]), frame_chunks(x), x.shape[2])
+
 
 class OutputHead(nn.Module):
     """Unconditioned residual block then a 1x1 convolution (§4.1 step 9)."""
@@ -460,6 +619,11 @@ class OutputHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return per_frame(self.proj, self.res(x))
+
+    @torch.no_grad()
+    def infer(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        h = self.res.infer(inputs)
+        return map_chunks(lambda s: per_frame(self.proj, h[:, :, s]), frame_chunks(h), h.shape[2])
 
 
 @dataclass
@@ -525,9 +689,11 @@ class UNet3D(nn.Module):
         )
 
     def forward_prepared(self, x_t: torch.Tensor, t: torch.Tensor, ctx: A2VContext) -> torch.Tensor:
-        """x_t (B, 3, T, L, L), t (B,) int -> eps (B, 3, T, L, L) (§4.1)."""
+        """x_t (B, 3, T, L, L), t (B,) int -> eps (B, 3, T, L, L) (§4.1). Without gradients: `infer`."""
         if x_t.shape[2] != ctx.frames:
             raise ValueError(f"x_t has {x_t.shape[2]} frames but the context was prepared for {ctx.frames}")
+        if not torch.is_grad_enabled():
+            return self.infer(x_t, t, ctx)
         c = self.config
         x_t = x_t.contiguous(memory_format=torch.channels_last_3d)
         w = self.init_conv.weight[:, : c.motion_channels]
@@ -548,6 +714,35 @@ class UNet3D(nn.Module):
 
         x = torch.cat([x, r], dim=1)
         return torch.cat([self.flow_head(x), self.occlusion_head(x)], dim=1).contiguous()
+
+    @torch.no_grad()
+    def infer(self, x_t: torch.Tensor, t: torch.Tensor, ctx: A2VContext) -> torch.Tensor:
+        """`forward_prepared` for inference: the same steps, per-frame layers in chunks of frames and
+        activations updated in place (memory: about four level-0 activations of the clip at the peak)."""
+        c = self.config
+        w = self.init_conv.weight[:, : c.motion_channels]
+        frames = x_t.shape[2]
+        r = map_chunks(lambda s: per_frame(lambda f: F.conv2d(f, w, padding=self.init_conv.padding), x_t[:, :, s])
+                       + ctx.source_init, frame_chunks(x_t), frames)
+        x = self.init_temporal_attn.infer_(r.clone(memory_format=torch.channels_last_3d), ctx.temporal)
+        time_emb = self.time_mlp(t)
+
+        skips = []
+        for level, terms in zip(self.downs, ctx.downs):
+            skip, x = level.infer([x], time_emb, terms, ctx.temporal)
+            skips.append(skip)
+        x = self.mid_block1.infer([x], time_emb, ctx.mid[0])
+        self.mid_temporal_attn.infer_(self.mid_spatial_attn.infer_(x), ctx.temporal)
+        x = self.mid_block2.infer([x], time_emb, ctx.mid[1])
+        for level, terms in zip(self.ups, ctx.ups):
+            inputs = [x, skips.pop()]
+            del x  # `level` frees the inputs once read
+            _, x = level.infer(inputs, time_emb, terms, ctx.temporal)
+
+        inputs = [x, r]
+        del x, r
+        flow = self.flow_head.infer(inputs)
+        return torch.cat([flow, self.occlusion_head.infer(inputs)], dim=1).contiguous()
 
 
 class FaceBoxEncoder(nn.Module):

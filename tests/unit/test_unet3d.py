@@ -150,6 +150,21 @@ def test_prepared_context_is_reusable_and_equals_plain_forward():
             assert torch.equal(denoise(x_step, t_step), model(x_step, t_step, features, cond))
 
 
+def test_chunked_inference_equals_plain_forward(monkeypatch):
+    """Inference (no gradients) in chunks of 3 frames, in place, with GroupNorm statistics over the whole
+    clip, equals the plain forward that training runs."""
+    model = random_model(window=4)
+    x_t, t, features, cond = random_inputs(model.config, batch=2, frames=11)
+    plain = model(x_t, t, features, cond)  # gradients on: the plain path
+    assert plain.requires_grad
+    monkeypatch.setattr(unet3d, "FRAME_CHUNK_ELEMENTS", 3 * 16 * 8 * 8)  # 3 frames per chunk at the top level
+    monkeypatch.setattr(unet3d, "TEMPORAL_TOKENS_PER_CHUNK", 11 * 24)  # 24 of 64 positions at a time
+    assert len(unet3d.frame_chunks(torch.empty(2, 16, 11, 8, 8))) == 4
+    with torch.no_grad():
+        chunked = model(x_t, t, features, cond)
+    assert (chunked - plain).abs().max() < 1e-5 * plain.abs().max()
+
+
 def test_cross_attention_closed_form_equals_softmax_attention():
     """The prepared cross-attention equals the reference's generic formulation (§4.3), per block."""
     model = random_model()
