@@ -117,7 +117,7 @@ class EvaluationSettings:
     max_videos: int | None = None
     ground_truth_motion: bool = False  # drive A2V-FDM with the ground-truth pose/blink instead of PBNet
     identity_frames: int = 16  # frames sampled per video for the identity measures
-    decode_batch: int = 32
+    decode_batch: int | None = None  # None: the pipeline's default for the device
     device: str = "cpu"
     save_videos: bool = True  # OUT/videos/<id>.mp4 of the rendered videos
 

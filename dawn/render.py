@@ -101,7 +101,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--crop", choices=("face", "none"), default="face")
-    p.add_argument("--decode-batch", type=int, default=32, help="frames decoded per LFG batch")
+    p.add_argument("--decode-batch", type=int, help="frames decoded per LFG batch (default 4 on CPU, 32 on CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_render_command)
 
