@@ -165,6 +165,19 @@ def test_chunked_inference_equals_plain_forward(monkeypatch):
     assert (chunked - plain).abs().max() < 1e-5 * plain.abs().max()
 
 
+def test_bf16_autocast_inference_follows_float32():
+    """The bf16 path `dawn render --dtype bf16` takes (autocast; on CUDA in practice): chunked buffers take
+    the autocast dtype and stay close to float32."""
+    model = random_model(window=4)
+    x_t, t, features, cond = random_inputs(model.config, batch=1, frames=11)
+    with torch.no_grad():
+        full = model(x_t, t, features, cond)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x_t, t, features, cond)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).abs().max() < 0.1 * full.abs().max()
+
+
 def test_cross_attention_closed_form_equals_softmax_attention():
     """The prepared cross-attention equals the reference's generic formulation (§4.3), per block."""
     model = random_model()
