@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,25 @@ from dawn import DawnError
 Progress = Callable[[int, int], None]
 
 SAMPLERS = ("ddim", "dpm-solver++")
+
+
+class NoiseDraws(Sequence):
+    """The sampler's noise draws for a batch of renders, each made when the sampler asks for it (in order),
+    so that a long render holds one draw at a time: draw k is render b's k-th (1, C, T, L, L) randn from
+    its own generator seeded with seeds[b], concatenated over b."""
+
+    def __init__(self, seeds: list[int], shape: tuple, count: int, device):
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self.shape, self.count, self.device, self.made = shape, count, device, 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        if k != self.made:
+            raise IndexError(f"noise draws are made in order: asked for draw {k}, next is {self.made}")
+        self.made += 1
+        return torch.cat([torch.randn(self.shape, generator=g, device=self.device) for g in self.generators])
 
 
 @dataclass
@@ -208,11 +228,7 @@ class RenderPipeline:
         # x_T, then one draw per DDIM step that adds noise (t' > 0 and eta > 0); DPM-Solver++ draws x_T only.
         pairs = ddim_timesteps(options.steps, self.a2v.schedule.timesteps)
         draws = 1 + (sum(t_next > 0 for _, t_next in pairs) if options.sampler == "ddim" and options.eta > 0 else 0)
-        per_render = []
-        for seed in seeds:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-            per_render.append([torch.randn(one, generator=generator, device=self.device) for _ in range(draws)])
-        noise = [torch.cat([n[k] for n in per_render]) for k in range(draws)]
+        noise = NoiseDraws(seeds, one, draws, self.device)
         with _autocast(self.device, self.dtype):
             features = self.a2v.source_features(self.lfg.source_latent(source), box)
             denoise = self.a2v.denoiser(features, cond)

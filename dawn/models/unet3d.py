@@ -718,13 +718,15 @@ class UNet3D(nn.Module):
     @torch.no_grad()
     def infer(self, x_t: torch.Tensor, t: torch.Tensor, ctx: A2VContext) -> torch.Tensor:
         """`forward_prepared` for inference: the same steps, per-frame layers in chunks of frames and
-        activations updated in place (memory: about four level-0 activations of the clip at the peak)."""
+        activations updated in place (memory: three level-0 activations of the clip at the peak)."""
         c = self.config
         w = self.init_conv.weight[:, : c.motion_channels]
-        frames = x_t.shape[2]
-        r = map_chunks(lambda s: per_frame(lambda f: F.conv2d(f, w, padding=self.init_conv.padding), x_t[:, :, s])
-                       + ctx.source_init, frame_chunks(x_t), frames)
-        x = self.init_temporal_attn.infer_(r.clone(memory_format=torch.channels_last_3d), ctx.temporal)
+
+        def input_conv() -> torch.Tensor:  # r of `forward_prepared`
+            return map_chunks(lambda s: per_frame(lambda f: F.conv2d(f, w, padding=self.init_conv.padding),
+                                                  x_t[:, :, s]) + ctx.source_init, frame_chunks(x_t), x_t.shape[2])
+
+        x = self.init_temporal_attn.infer_(input_conv(), ctx.temporal)
         time_emb = self.time_mlp(t)
 
         skips = []
@@ -739,8 +741,8 @@ class UNet3D(nn.Module):
             del x  # `level` frees the inputs once read
             _, x = level.infer(inputs, time_emb, terms, ctx.temporal)
 
-        inputs = [x, r]
-        del x, r
+        inputs = [x, input_conv()]  # r made again (one 3-channel conv) rather than held through the U-Net
+        del x
         flow = self.flow_head.infer(inputs)
         return torch.cat([flow, self.occlusion_head.infer(inputs)], dim=1).contiguous()
 
