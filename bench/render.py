@@ -48,7 +48,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dawn.pipeline import DTYPES, Motion, Portrait, RenderOptions, RenderPipeline
+from dawn.pipeline import DTYPES, Motion, Portrait, RenderOptions, RenderPipeline, decode_batch_size
 from dawn.models.diffusion import ddim_sample, ddim_timesteps, dpm_solver_sample
 from reference_unet import reference_forward  # bench/reference_unet.py (scripts here import by name)
 
@@ -326,7 +326,7 @@ def predict_peak(variant: str, preset: str, frames: int, options: RenderOptions)
         del denoise, noise, features, cond
         tracker.peak = tracker.live
         tracker.add(frames * s * s * 3, "frames (T, S, S, 3) uint8")
-        batch = options.decode_batch if not reference_way else 1
+        batch = 1 if reference_way else decode_batch_size(options.decode_batch, "cpu")
         grids = flows[0, :2].permute(1, 2, 3, 0)[:batch]
         occlusion = (flows[0, 2:3].transpose(0, 1) + 1)[:batch] / 2
         decoded = lfg.decode(lfg.encode_source(source), source, grids, occlusion)

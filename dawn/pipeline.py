@@ -33,6 +33,12 @@ Progress = Callable[[int, int], None]
 SAMPLERS = ("ddim", "dpm-solver++")
 
 
+def decode_batch_size(requested: int | None, device) -> int:
+    """Frames per LFG decode batch: `requested`, else 32 on CUDA and 4 on CPU (where larger batches leave
+    the caches: a 32-frame batch is ~25% slower per frame at hdtf128)."""
+    return requested or (32 if torch.device(device).type == "cuda" else 4)
+
+
 class NoiseDraws(Sequence):
     """The sampler's noise draws for a batch of renders, each made when the sampler asks for it (in order),
     so that a long render holds one draw at a time: draw k is render b's k-th (1, C, T, L, L) randn from
@@ -248,10 +254,9 @@ class RenderPipeline:
     @torch.no_grad()
     def decode_frames(self, portrait: Portrait, flows: torch.Tensor, batch_size: int | None = None,
                       progress: Progress | None = None) -> np.ndarray:
-        """LFG decode: the source encoded once, frames decoded in batches -> (T, S, S, 3) uint8.
-        Default batch: 32 frames on CUDA; 4 on CPU, where larger batches leave the caches (a 32-frame
-        batch is ~25% slower per frame at hdtf128)."""
-        batch_size = batch_size or (32 if self.device.type == "cuda" else 4)
+        """LFG decode: the source encoded once, frames decoded in batches (`decode_batch_size`) ->
+        (T, S, S, 3) uint8."""
+        batch_size = decode_batch_size(batch_size, self.device)
         source = self.source_tensor(portrait)
         grids = flows[0, :2].permute(1, 2, 3, 0)  # (T, L, L, 2)
         occlusion = (flows[0, 2:3].transpose(0, 1) + 1) / 2  # (T, 1, L, L)
