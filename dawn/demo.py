@@ -21,8 +21,9 @@ the stage; its traceback goes to OUT/logs/<stage>.txt.
 Time budget (--budget-minutes, default 40 on a 2-core CPU machine): each training run stops at its share of
 the budget (TRAINING[...]["share"], 70 % in total, start-up included; A2V-FDM gets most since it learns the
 audio-to-motion mapping the lip-sync proxy measures); the remaining 30 % is what the other stages take on
-such a machine (corpus ~1 min, preprocessing ~2, renders ~1 per 10 s clip and core, evaluation ~1.5). `steps` is the share times the throughput of 2 CPU workers, so on a faster
-machine the runs finish their schedule before the budget.
+such a machine (corpus ~1 min, preprocessing ~2, renders ~1 per 10 s clip and core, evaluation ~1.5).
+`steps` is the share times the throughput of 2 CPU workers, so on a faster machine the runs finish their
+schedule before the budget.
 """
 
 from __future__ import annotations
@@ -300,6 +301,8 @@ class Demo:
                 "failed": summary.failed, "frames": index["frames"]}
 
     def _train(self, stage: str) -> dict:
+        import torch
+
         from dawn.train.config import TrainConfig
         from dawn.train.loop import run_training
 
@@ -312,8 +315,6 @@ class Demo:
             if spec["stage"] == 2:
                 extra["init_from"] = str(self.paths["exports"] / "a2v_stage1")
         export = self.paths["exports"] / (f"a2v_stage{spec['stage']}" if spec["model"] == "a2v" else spec["model"])
-        import torch
-
         config = TrainConfig(
             model=spec["model"], data=str(self.paths["shards"]), preset=s.preset, stage=spec.get("stage", 1),
             storage_path=str(self.paths["runs"]), run_name=stage.removeprefix("train-"), mlflow_uri=self.mlflow_uri,
@@ -510,7 +511,47 @@ class Demo:
         if "serve-unseen-speech" in renders:
             out["serve_vs_batch_mean_abs_diff"] = _mean_abs_difference(renders["serve-unseen-speech"],
                                                                        renders["unseen-speech"])
+        first = next(r for r in rows if r["video_id"])
+        out["lipsync_lfg_reconstruction"] = self._lfg_reconstruction(first["video_id"], truth[first["video_id"]])
+        out["training_losses"] = self._training_losses()
         return out
+
+    def _lfg_reconstruction(self, video_id: str, truth: dict) -> float:
+        """Lip-sync proxy of the trained LFG's reconstruction of a held-out video from its first frame (driving
+        frames = the video's own): how well the motion representation A2V-FDM predicts can show the mouth, the
+        ceiling of the renders' score. Writes OUT/evaluation/lfg_reconstruction.mp4."""
+        import torch
+
+        from dawn.checkpoint import load_model
+        from dawn.metrics.lipsync import analyze_frames, lip_sync_proxy
+        from dawn.video import write_mp4
+
+        lfg = load_model(self.paths["checkpoints"], "lfg").eval()
+        real = torch.from_numpy(truth["frames"]).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            frames = torch.cat([lfg(real[:1].expand(len(chunk), -1, -1, -1), chunk)["prediction"]
+                                for chunk in real.split(32)])
+        frames = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        write_mp4(self.paths["evaluation"] / "lfg_reconstruction.mp4", frames, fps=25, audio=truth["audio"])
+        mouth = analyze_frames(frames)["mouth_opening"]
+        score = lip_sync_proxy(mouth, truth["audio"])["correlation"]
+        self.say(f"  LFG reconstruction of {video_id} from its first frame: lip-sync proxy {score:.3f}")
+        return score
+
+    def _training_losses(self) -> dict[str, list[float]]:
+        """[mean of the first 3, mean of the last 3] logged values of each training run's main loss (MLflow)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.mlflow_uri)
+        losses = {}
+        for stage, spec in TRAINING.items():
+            name = {"lfg": "reconstruction", "a2v": "eps_mse"}.get(spec["model"], "rec")
+            history = sorted(client.get_metric_history(self.results[stage]["mlflow_run_id"], name),
+                             key=lambda m: m.step)
+            if history:
+                values = [m.value for m in history]
+                losses[stage] = [float(np.mean(values[:3])), float(np.mean(values[-3:]))]
+        return losses
 
     def _held_out_truth(self, video_ids: list[str]) -> dict[str, dict]:
         """Ground truth of the held-out videos from the shards: frames, pose, eyes, mouth, audio (segments joined)."""
@@ -575,9 +616,10 @@ class Demo:
                        **({"serve-unseen-speech": self.results["serve"]["output"]} if "serve" in self.results else {})},
             "checkpoints": str(self.paths["checkpoints"]),
             "metrics": {k: evaluation.get(k) for k in ("lipsync_held_out", "lipsync_unseen_speech",
-                                                       "lipsync_ground_truth_videos", "mouth_corr_gt_held_out",
-                                                       "identity_mean", "identity_other_person",
-                                                       "serve_vs_batch_mean_abs_diff")},
+                                                       "lipsync_ground_truth_videos", "lipsync_lfg_reconstruction",
+                                                       "mouth_corr_gt_held_out", "identity_mean",
+                                                       "identity_other_person", "serve_vs_batch_mean_abs_diff")},
+            "training_losses": evaluation.get("training_losses", {}),
             "metrics_table": evaluation.get("metrics_markdown"),
             "mlflow": {"tracking_uri": self.mlflow_uri, "experiment": EXPERIMENT,
                        "ui": f"mlflow ui --backend-store-uri {self.mlflow_uri} --host 127.0.0.1 --port 5000"},
@@ -601,13 +643,18 @@ class Demo:
             "",
             f"Lip-sync proxy (corr. of mouth opening and speech envelope; ground-truth videos "
             f"{fmt(m['lipsync_ground_truth_videos'])}):",
-            f"  held-out videos {fmt(m['lipsync_held_out'])}, unseen espeak speech {fmt(m['lipsync_unseen_speech'])}",
+            f"  held-out videos {fmt(m['lipsync_held_out'])}, unseen espeak speech {fmt(m['lipsync_unseen_speech'])}; "
+            f"the LFG's reconstruction of a held-out video (the ceiling): {fmt(m['lipsync_lfg_reconstruction'])}",
             f"Identity (offline similarity to the portrait, 0-1): {fmt(m['identity_mean'])} "
             f"(to another person: {fmt(m['identity_other_person'])})",
         ]
         if m["serve_vs_batch_mean_abs_diff"] is not None:
             lines.append(f"Serve vs batch render of the same pair: mean abs pixel difference "
                          f"{m['serve_vs_batch_mean_abs_diff']:.3f}")
+        if summary["training_losses"]:
+            lines.append("Training loss (first -> last logged): " + ", ".join(
+                f"{stage.removeprefix('train-')} {first:.4g} -> {last:.4g}"
+                for stage, (first, last) in summary["training_losses"].items()))
         lines += ["", f"Checkpoints: {summary['checkpoints']}", f"MLflow: {summary['mlflow']['tracking_uri']} "
                   f"(experiment {EXPERIMENT}); UI: {summary['mlflow']['ui']}",
                   f"Summary: {self.out / 'summary.json'}, log: {self.out / 'demo.log'}"]
