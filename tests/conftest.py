@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
@@ -47,3 +48,13 @@ def astronaut_png(tmp_path_factory, astronaut) -> Path:
     path = tmp_path_factory.mktemp("portrait") / "astronaut.png"
     cv2.imwrite(str(path), astronaut[:, :, ::-1])
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (modules opt in with pytest.mark.usefixtures): spinning OpenMP threads
+    are slow on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,13 +21,7 @@ def fit(objective, batch, steps):
     return [objective.train_step(engines, batch, step) for step in range(steps)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: robust timing on a shared 2-core machine (spinning OpenMP threads are not)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_lfg_loss_goes_down_and_falls_back_without_vgg(caplog):

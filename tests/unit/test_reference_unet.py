@@ -16,13 +16,7 @@ from reference_unet import reference_forward  # noqa: E402
 FRAMES = 50  # > 2 x window 40 + 1: frames beyond the window are masked
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: spinning OpenMP threads are slow on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_reference_forward_equals_dawn_forward():

@@ -23,13 +23,7 @@ FRAMES = 48  # > block 16 + 2 x window 4: local attention takes its blocked (win
 WINDOW = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: spinning OpenMP threads are slow on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
