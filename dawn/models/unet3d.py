@@ -405,7 +405,21 @@ class ResnetBlock(nn.Module):
         return h
 
 
-class SpatialLinearAttention(nn.Module):
+class FrameAttention(nn.Module):
+    """Residual attention within each frame: subclasses define `attend(x)`, the added term."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attend(x)
+
+    @torch.no_grad()
+    def infer_(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` in place, chunk by chunk of frames (inference)."""
+        for s in frame_chunks(x):
+            x[:, :, s] += self.attend(x[:, :, s])
+        return x
+
+
+class SpatialLinearAttention(FrameAttention):
     """Residual(PreNorm) linear attention over the H*W positions of each frame (§4.4, levels).
 
     Per frame and head: q softmax over features, k softmax over positions, context = sum_n k_n v_n^T
@@ -442,18 +456,8 @@ class SpatialLinearAttention(nn.Module):
                            self.to_out.bias)
         return from_tokens(out.view(b, t, h, w, c))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.attend(x)
 
-    @torch.no_grad()
-    def infer_(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` in place, chunk by chunk of frames (inference)."""
-        for s in frame_chunks(x):
-            x[:, :, s] += self.attend(x[:, :, s])
-        return x
-
-
-class SpatialAttention(nn.Module):
+class SpatialAttention(FrameAttention):
     """Residual(PreNorm) softmax attention over the H*W positions of each frame (§4.4, middle)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int):
@@ -471,9 +475,6 @@ class SpatialAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B*T, heads, HW, dh)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, h * w, -1)
         return from_tokens(self.to_out(out).view(b, t, h, w, c))
-
-    forward = SpatialLinearAttention.forward
-    infer_ = SpatialLinearAttention.infer_
 
 
 class RelativeBiasTable:
