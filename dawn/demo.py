@@ -70,6 +70,9 @@ UNSEEN_SENTENCE = ("Good evening. This sentence was never spoken in the training
                    "follow new speech.")
 UNSEEN_VOICE = "en-us"
 EXPERIMENT = "dawn-demo"
+# The stand-in for HuBERT (no trained weights can be downloaded): random weights keep each frame's loudness
+# only with the group-norm feature encoder (dawn.audio.hubert_config).
+HUBERT_PRESET = "tiny-group-norm"
 
 
 @dataclass
@@ -273,8 +276,9 @@ class Demo:
     def stage_hubert(self) -> dict:
         from dawn.audio import save_random_hubert
 
-        save_random_hubert(self.paths["hubert"], seed=self.settings.seed)
-        return {"hubert": str(self.paths["hubert"]), "weights": "random (tiny HuBERT, 1024-d output)"}
+        save_random_hubert(self.paths["hubert"], preset=HUBERT_PRESET, seed=self.settings.seed)
+        return {"hubert": str(self.paths["hubert"]),
+                "weights": f"random ({HUBERT_PRESET} HuBERT, 1024-d output)"}
 
     def stage_preprocess(self) -> dict:
         from dawn.data.preprocess import list_videos

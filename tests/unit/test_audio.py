@@ -191,3 +191,25 @@ def test_missing_hubert_folder_says_what_to_put_there(tmp_path):
     with pytest.raises(DawnError, match="config.json") as error:
         HubertFeatureExtractor(tmp_path / "nowhere")
     assert "nowhere" in str(error.value)
+
+
+def test_demo_stand_in_hubert_keeps_loudness(tmp_path):
+    """The demo's random group-norm HuBERT carries each frame's loudness (a ridge probe fitted on one sentence
+    predicts the speech envelope of another); the large layout's per-frame LayerNorm loses most of it."""
+    from dawn.data.tts import synthesize_speech
+
+    sentences = ["The quick brown fox jumps over the lazy dog, and then it runs far away into the woods.",
+                 "Seven silver spoons were polished before dinner, while music played softly downstairs."]
+    signals = [load_audio(synthesize_speech(text, tmp_path / f"s{i}.wav")) for i, text in enumerate(sentences)]
+
+    def probe(preset: str) -> float:
+        extract = HubertFeatureExtractor(save_random_hubert(tmp_path / preset, preset=preset))
+        (x_fit, x_test), (y_fit, y_test) = zip(*((f, speech_envelope(s, len(f)))
+                                                 for s, f in ((s, extract(s)) for s in signals)))
+        mean, std = x_fit.mean(0), x_fit.std(0) + 1e-6
+        a, b = (x_fit - mean) / std, (x_test - mean) / std
+        w = np.linalg.solve(a.T @ a + 100.0 * np.eye(a.shape[1]), a.T @ (y_fit - y_fit.mean()))
+        return float(np.corrcoef(b @ w, y_test)[0, 1])
+
+    group, layer = probe("tiny-group-norm"), probe("tiny")
+    assert group > 0.75 and group > layer + 0.15, (group, layer)
