@@ -325,7 +325,8 @@ class Demo:
             experiment=EXPERIMENT, export_dir=str(export), steps=steps, max_minutes=minutes,
             checkpoint_every=max(1, math.ceil(CHECKPOINT_EVERY_MINUTES * spec["steps_per_minute"])),
             log_every=max(1, steps // 20), sample_every=max(1, steps // 2), num_workers=s.workers,
-            use_gpu=torch.cuda.is_available(), seed=s.seed, **spec["config"], **extra)
+            use_gpu=torch.cuda.is_available(), seed=s.seed, cache_rows=True,  # the corpus fits in memory
+            **spec["config"], **extra)
         self.say(f"  {spec['model']}: up to {steps} steps, stops after {minutes:.1f} min "
                  f"({s.workers} workers x batch {config.batch_size}, lr {config.lr:g})")
         self.ray()

@@ -68,6 +68,7 @@ class TrainConfig:
     # data
     overfit_batches: int = 0  # >0: train on the first N batches over and over (smoke tests, overfitting)
     samples_per_row: int = 4  # samples drawn from each shard row (segment) per pass (paper A.2: 25 per video)
+    cache_rows: bool = False  # keep each worker's split in memory after one pass (corpora that fit in RAM)
     # test-only fault injection: rank 1 exits hard once at this step (a marker file makes it happen once)
     fail_at_step: int | None = None
 
@@ -224,6 +225,9 @@ def add_arguments(parser, model_flags: tuple[str, ...] = ()) -> None:
     add("--max-minutes", type=float, default=None, help="time budget; stops with a checkpoint and an export")
     add("--max-failures", type=int, default=defaults.max_failures, help="worker-group restarts from the last checkpoint")
     add("--samples-per-row", type=int, default=defaults.samples_per_row, help="samples per shard segment and pass")
+    add("--cache-rows", action="store_true",
+        help="keep each worker's decoded split in memory after the first pass and replay it in a new random "
+             "order (small corpora: saves re-running the Ray Data pipeline every pass)")
     add("--overfit-batches", type=int, default=0, help="train on the first N batches only (smoke tests)")
     add("--options", default="{}", help='objective options as JSON, e.g. \'{"w_lip": 1.0}\'')
     add("--model-overrides", default="{}", help="network config fields as JSON, e.g. '{\"dim\": 32}'")
@@ -252,6 +256,6 @@ def from_arguments(args, model: str) -> TrainConfig:
         log_every=args.log_every, sample_every=args.sample_every, num_workers=args.num_workers,
         use_gpu=args.use_gpu, seed=args.seed, max_minutes=args.max_minutes, max_failures=args.max_failures,
         init_from=args.init_from, lfg=getattr(args, "lfg", None), vgg19=getattr(args, "vgg19", None),
-        samples_per_row=args.samples_per_row, overfit_batches=args.overfit_batches,
+        samples_per_row=args.samples_per_row, cache_rows=args.cache_rows, overfit_batches=args.overfit_batches,
         objective_options=as_json("options", args.options), model_overrides=as_json("model-overrides", args.model_overrides),
     )

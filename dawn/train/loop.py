@@ -18,7 +18,9 @@ lr, samples/s), a sample artifact every `sample_every` steps and the exported ch
 Data: each worker reads its split of the Ray Dataset (`ray.train.get_dataset_shard`) through the
 objective's reader. Workers stay in lock-step: every step they agree (one small all-reduce) on whether
 all of them have a batch, whether the time budget is spent, and whether the data is empty; when one
-worker's pass over its split ends, all of them start the next pass together.
+worker's pass over its split ends, all of them start the next pass together. Every pass re-runs the
+dataset's pipeline (seconds of start-up); with `cache_rows` a worker keeps its decoded split after the first
+pass and replays it in a new random order instead (for corpora that fit in memory, like the demo's).
 """
 
 from __future__ import annotations
@@ -275,7 +277,8 @@ def train_worker(loop_config: dict) -> None:
         tracker.note(f"resumed from step {step}")
 
     shard = ray.train.get_dataset_shard("train")
-    feed = _BatchFeed(lambda: objective.batches(decode_rows(shard.iter_rows()), rng), config.overfit_batches)
+    rows = RowPasses(lambda: decode_rows(shard.iter_rows()), config.cache_rows, rng)
+    feed = _BatchFeed(lambda: objective.batches(rows.next_pass(), rng), config.overfit_batches)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     deadline = loop_config.get("deadline")
     window = _MetricWindow()
@@ -463,6 +466,31 @@ class _BatchFeed:
                 return batch, False
             self.empty_passes = self.empty_passes + 1 if self.fresh else 0
             self.iterator = None
+
+
+class RowPasses:
+    """The decoded rows of one worker's split, one pass at a time.
+
+    Without caching every pass streams `stream()` (the Ray Data pipeline runs again). With caching, the rows
+    of the first complete pass are kept and every later pass yields them in a new order drawn from `rng`.
+    """
+
+    def __init__(self, stream: Callable[[], Iterator[dict]], cache: bool, rng: np.random.Generator):
+        self.stream, self.cache, self.rng = stream, cache, rng
+        self.rows: list[dict] | None = None
+
+    def next_pass(self) -> Iterator[dict]:
+        if self.rows is not None:
+            for index in self.rng.permutation(len(self.rows)):
+                yield self.rows[index]
+            return
+        kept = []
+        for row in self.stream():
+            if self.cache:
+                kept.append(row)
+            yield row
+        if self.cache:  # only a pass that ran to the end fills the cache
+            self.rows = kept
 
 
 def _agree(flags: list[float]) -> list[float]:

@@ -225,6 +225,26 @@ def test_batch_feed_overfit_cycles_and_empty_data_fails():
         _BatchFeed(lambda: iter([])).next()
 
 
+def test_cached_row_passes_replay_the_first_complete_pass_in_new_orders():
+    from dawn.train.loop import RowPasses
+
+    streamed = []
+
+    def stream():
+        streamed.append(1)
+        return iter([{"i": i} for i in range(6)])
+
+    rows = RowPasses(stream, cache=True, rng=np.random.default_rng(0))
+    partial = rows.next_pass()
+    assert next(partial)["i"] == 0 and rows.rows is None  # an interrupted pass caches nothing
+    orders = [[r["i"] for r in rows.next_pass()] for _ in range(4)]
+    assert len(streamed) == 2 and orders[0] == list(range(6))  # streamed until one pass completed
+    assert all(sorted(o) == list(range(6)) for o in orders[1:]) and len({tuple(o) for o in orders[1:]}) > 1
+    uncached = RowPasses(stream, cache=False, rng=np.random.default_rng(0))
+    assert [[r["i"] for r in uncached.next_pass()] for _ in range(2)] == [list(range(6))] * 2
+    assert len(streamed) == 4 and uncached.rows is None
+
+
 def test_job_flags_build_the_config():
     import argparse
 
@@ -235,11 +255,11 @@ def test_job_flags_build_the_config():
     args = parser.parse_args(["--data", "shards", "--preset", "hdtf128", "--stage", "2", "--lfg", "ckpt",
                               "--init-from", "s1", "--num-workers", "8", "--use-gpu", "--zero-stage", "3",
                               "--dtype", "bf16", "--steps", "50", "--lr-schedule", "constant", "--max-minutes", "90",
-                              "--options", '{"w_lip": 2.0}'])
+                              "--cache-rows", "--options", '{"w_lip": 2.0}'])
     config = from_arguments(args, "a2v")
     assert (config.model, config.stage, config.preset, config.lfg, config.init_from) == ("a2v", 2, "hdtf128", "ckpt", "s1")
     assert (config.num_workers, config.use_gpu, config.zero_stage, config.dtype) == (8, True, 3, "bf16")
-    assert (config.steps, config.lr_schedule, config.max_minutes) == (50, "constant", 90.0)
+    assert (config.steps, config.lr_schedule, config.max_minutes, config.cache_rows) == (50, "constant", 90.0, True)
     assert config.objective_options == {"w_lip": 2.0}
     with pytest.raises(DawnError, match="--options"):
         from_arguments(parser.parse_args(["--data", "d", "--lfg", "l", "--options", "{bad"]), "a2v")
