@@ -73,6 +73,28 @@ class CosineSchedule(nn.Module):
         return (_gather(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
                 - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
 
+    def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(ac[t]) noise - sqrt(1 - ac[t]) x0 (v-prediction, Salimans & Ho 2022)."""
+        return (_gather(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
+                - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+
+    def eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eps = sqrt(ac[t]) v + sqrt(1 - ac[t]) x_t (the inverse of `v_target` given x_t)."""
+        return (_gather(self.sqrt_alphas_cumprod, t, x_t.ndim) * v
+                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * x_t)
+
+
+PREDICTIONS = ("eps", "v")
+
+
+def eps_denoiser(schedule: CosineSchedule, network: Denoiser, prediction: str) -> Denoiser:
+    """The samplers' denoise(x_t, t) -> eps from a network that predicts `prediction` ("eps" or "v")."""
+    if prediction == "eps":
+        return network
+    if prediction != "v":
+        raise ValueError(f"unknown prediction {prediction!r} (known: {PREDICTIONS})")
+    return lambda x_t, t: schedule.eps_from_v(x_t, t, network(x_t, t).to(x_t.dtype))
+
 
 # --- dynamic thresholding (Imagen; ARCHITECTURE.md §4.6) -------------------------------------------
 
@@ -220,7 +242,7 @@ def classifier_free_guidance(denoise_cond: Denoiser, denoise_null: Denoiser,
 def diffusion_loss(schedule: CosineSchedule, denoise: Denoiser, x0: torch.Tensor,
                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                    lip_mask: torch.Tensor | None = None, w_lip: float = 1.0, fft_weight: float = 0.0,
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                   generator: torch.Generator | None = None, prediction: str = "eps") -> dict[str, torch.Tensor]:
     """Paper Eq. 7, L = L_simple + w_lip * (L_simple (x) m_lip), plus an optional temporal-FFT term.
 
     x0: clean target (B, C, T, H, W) (A2V: flow x, flow y, 2*occ-1). t: int64 (B,), uniform in
@@ -232,6 +254,9 @@ def diffusion_loss(schedule: CosineSchedule, denoise: Denoiser, x0: torch.Tensor
       fft     = mean |rFFT_T(clamp(x0_pred, -1, 1)[:, :2]) - rFFT_T(x0[:, :2])|   (reference term on
                 the flow channels, ARCHITECTURE.md §4.7; computed only if fft_weight > 0, else 0)
       loss    = eps_mse + w_lip * lip_mse + fft_weight * fft.
+    prediction="v": the network predicts v (`CosineSchedule.v_target`) and e is its squared error instead;
+    the loss then reads v_mse + w_lip * lip_mse + fft_weight * fft, and eps_mse (of the eps the v
+    implies) is still reported so that runs of both kinds compare.
     """
     batch = x0.shape[0]
     if t is None:
@@ -239,10 +264,16 @@ def diffusion_loss(schedule: CosineSchedule, denoise: Denoiser, x0: torch.Tensor
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = schedule.q_sample(x0, t, noise)
-    eps_pred = denoise(x_t, t).float()
-    sq_err = (eps_pred - noise.float()) ** 2
+    output = denoise(x_t, t).float()
+    if prediction == "eps":
+        eps_pred, target = output, noise.float()
+    elif prediction == "v":
+        eps_pred, target = schedule.eps_from_v(x_t.float(), t, output), schedule.v_target(x0.float(), t, noise.float())
+    else:
+        raise ValueError(f"unknown prediction {prediction!r} (known: {PREDICTIONS})")
+    sq_err = (output - target) ** 2
     zero = sq_err.new_zeros(())
-    eps_mse = sq_err.mean()
+    eps_mse = ((eps_pred - noise.float()) ** 2).mean() if prediction == "v" else sq_err.mean()
     lip_mse = (sq_err * lip_mask.to(sq_err)).mean() if lip_mask is not None else zero
     fft = zero
     if fft_weight > 0:
@@ -250,5 +281,8 @@ def diffusion_loss(schedule: CosineSchedule, denoise: Denoiser, x0: torch.Tensor
         spectrum_pred = torch.fft.rfft(x0_pred[:, :2], dim=2)
         spectrum_true = torch.fft.rfft(x0[:, :2].float(), dim=2)
         fft = (spectrum_pred - spectrum_true).abs().mean()
-    loss = eps_mse + w_lip * lip_mse + fft_weight * fft
-    return {"loss": loss, "eps_mse": eps_mse, "lip_mse": lip_mse, "fft": fft}
+    loss = sq_err.mean() + w_lip * lip_mse + fft_weight * fft
+    losses = {"loss": loss, "eps_mse": eps_mse, "lip_mse": lip_mse, "fft": fft}
+    if prediction == "v":
+        losses["v_mse"] = sq_err.mean()
+    return losses

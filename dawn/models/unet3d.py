@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dawn.models.attention import RelativePositionBias, RotaryEmbedding, full_attention_bias, local_attention
-from dawn.models.diffusion import CosineSchedule
+from dawn.models.diffusion import CosineSchedule, eps_denoiser
 
 # Temporal attention handles at most this many (sequence x frame) tokens at once (about 100 MB of q/k/v
 # in float32): long renders then need no more memory per layer than a short clip.
@@ -69,9 +69,14 @@ class A2VConfig:
     reference_bbox_convention: bool = False  # ARCHITECTURE.md §9.2: True reproduces x/H, y/W
     cross_attn_norm_eps: float | None = None  # None: 1e-5 for float32, else 1e-3 (reference rule, §6)
     reference_mode: bool = False  # benchmarks only: temporal attention the reference's way (T x T logits)
+    # what the network outputs: "eps" (paper Eq. 2; the released checkpoints) or "v" (v-prediction; its loss
+    # weighs the coarse motion at high noise far more, so short trainings sample sensible motion much sooner)
+    prediction: str = "eps"
 
     def __post_init__(self):
         self.dim_mults = tuple(self.dim_mults)
+        if self.prediction not in ("eps", "v"):
+            raise ValueError(f"A2VConfig.prediction must be 'eps' or 'v', got {self.prediction!r}")
 
     @property
     def latent_size(self) -> int:
@@ -802,20 +807,21 @@ class A2VFDM(nn.Module):
         return self.unet.prepare(source_features, cond)
 
     def forward_prepared(self, x_t: torch.Tensor, t: torch.Tensor, context: A2VContext) -> torch.Tensor:
-        """x_t (B, 3, T, L, L), t (B,) int64 -> eps (B, 3, T, L, L)."""
+        """x_t (B, 3, T, L, L), t (B,) int64 -> eps (or v, per config.prediction) (B, 3, T, L, L)."""
         return self.unet.forward_prepared(x_t, t, context)
 
     def forward(self, x_t, t, source_features, cond) -> torch.Tensor:
-        """x_t (B, 3, T, L, L), t (B,), source_features (B, C+16, L, L), cond (B, T, 1032) -> eps."""
+        """x_t (B, 3, T, L, L), t (B,), source_features (B, C+16, L, L), cond (B, T, 1032) -> eps (or v)."""
         return self.forward_prepared(x_t, t, self.prepare(source_features, cond))
 
     @torch.no_grad()
     def denoiser(self, source_features: torch.Tensor, cond: torch.Tensor):
-        """For samplers: prepare once, return denoise(x_t, t) -> eps (inference, no gradients)."""
+        """For samplers: prepare once, return denoise(x_t, t) -> eps (converted from v when the network
+        predicts v) (inference, no gradients)."""
         context = self.prepare(source_features, cond)
 
         @torch.no_grad()
-        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def network(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.forward_prepared(x_t, t, context)
 
-        return denoise
+        return eps_denoiser(self.schedule, network, self.config.prediction)

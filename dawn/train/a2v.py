@@ -8,7 +8,9 @@ Per batch of clips (B, 3, K, S, S) with a source frame (B, 3, S, S):
             replaced by zeros with probability 0.1 (condition dropout, §4.7)
   loss      Eq. 7: L_simple + w_lip (L_simple ⊗ m_lip), w_lip = 1, m_lip the clip frames' lip boxes at
             latent resolution (dawn.models.diffusion.diffusion_loss; optional temporal-FFT term of the
-            reference with fft_weight, off by default since the paper does not use it).
+            reference with fft_weight, off by default since the paper does not use it). With the model
+            option prediction="v" (`--model-overrides '{"prediction": "v"}'`) the network learns v instead
+            of eps (same loss form on v); the demo uses it.
 Curriculum (§3.5, `TrainConfig.stage`): stage 1 clips of K' = 20 frames with the first frame as source;
 stage 2 clips of K in [30, 40] with the source anywhere in the segment, starting from the stage-1 weights
 (`TrainConfig.init_from`). Clip sampling is `dawn.data.readers.a2v_clips`.
@@ -129,7 +131,7 @@ class A2VObjective(Objective):
         lip = self.lip_mask(batch["lip_box"], x0.shape[-1])
         losses = diffusion_loss(self.schedule, lambda x_t, t: self.a2v(x_t, t, features, cond), x0,
                                 lip_mask=lip, w_lip=self.options.w_lip, fft_weight=self.options.fft_weight,
-                                generator=generator)
+                                generator=generator, prediction=self.a2v.config.prediction)
         losses["clip_frames"] = torch.tensor(float(x0.shape[2]))
         return losses
 

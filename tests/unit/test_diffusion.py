@@ -220,6 +220,27 @@ def test_loss_follows_eq7(schedule):
     torch.testing.assert_close(full["loss"], 2 * plain["loss"])
 
 
+def test_v_prediction_loss_and_eps_conversion(schedule):
+    x0, noise, t, lip_mask = _loss_inputs()
+    x_t = schedule.q_sample(x0, t, noise)
+    v = schedule.v_target(x0, t, noise)
+    ac = schedule.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(v, ac.sqrt() * noise - (1 - ac).sqrt() * x0)
+    torch.testing.assert_close(schedule.eps_from_v(x_t, t, v), noise, atol=1e-5, rtol=0)
+
+    perfect = diffusion_loss(schedule, lambda x, tt: schedule.v_target(x0, tt, noise), x0, t=t, noise=noise,
+                             lip_mask=lip_mask, prediction="v")
+    assert perfect["loss"] < 1e-10 and perfect["eps_mse"] < 1e-10  # the true v is the eps loss's optimum too
+    out = diffusion_loss(schedule, lambda x, tt: 0.5 * x, x0, t=t, noise=noise, lip_mask=lip_mask, w_lip=0.5,
+                         prediction="v")
+    sq_err = (0.5 * x_t - v) ** 2  # the squared error of v, not of eps
+    torch.testing.assert_close(out["v_mse"], sq_err.mean())
+    torch.testing.assert_close(out["loss"], (sq_err * (1 + 0.5 * lip_mask)).mean())
+    torch.testing.assert_close(out["eps_mse"], ((schedule.eps_from_v(x_t, t, 0.5 * x_t) - noise) ** 2).mean())
+    with pytest.raises(ValueError, match="prediction"):
+        diffusion_loss(schedule, lambda x, tt: x, x0, t=t, noise=noise, prediction="x0")
+
+
 def test_loss_fft_term(schedule):
     x0, noise, t, _ = _loss_inputs()
     perfect = diffusion_loss(schedule, lambda x_t, t_: noise, x0, t=t, noise=noise, fft_weight=0.15)

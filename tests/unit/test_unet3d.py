@@ -150,6 +150,17 @@ def test_prepared_context_is_reusable_and_equals_plain_forward():
             assert torch.equal(denoise(x_step, t_step), model(x_step, t_step, features, cond))
 
 
+def test_v_prediction_model_gives_samplers_eps():
+    eps_model, v_model = random_model(), random_model(prediction="v")  # same seed: the same weights
+    x_t, t, features, cond = random_inputs(v_model.config)
+    with torch.no_grad():
+        v = v_model(x_t, t, features, cond)
+        torch.testing.assert_close(v, eps_model(x_t, t, features, cond))
+        torch.testing.assert_close(v_model.denoiser(features, cond)(x_t, t), v_model.schedule.eps_from_v(x_t, t, v))
+    with pytest.raises(ValueError, match="prediction"):
+        A2VConfig(prediction="x0")
+
+
 def test_chunked_inference_equals_plain_forward(monkeypatch):
     """Inference (no gradients) in chunks of 3 frames, in place, with GroupNorm statistics over the whole
     clip, equals the plain forward that training runs."""
