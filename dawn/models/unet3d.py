@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dawn.models.attention import RelativePositionBias, RotaryEmbedding, full_attention_bias, local_attention
-from dawn.models.diffusion import CosineSchedule, eps_denoiser
+from dawn.models.diffusion import PREDICTIONS, CosineSchedule, eps_denoiser
 
 # Temporal attention handles at most this many (sequence x frame) tokens at once (about 100 MB of q/k/v
 # in float32): long renders then need no more memory per layer than a short clip.
@@ -75,8 +75,8 @@ class A2VConfig:
 
     def __post_init__(self):
         self.dim_mults = tuple(self.dim_mults)
-        if self.prediction not in ("eps", "v"):
-            raise ValueError(f"A2VConfig.prediction must be 'eps' or 'v', got {self.prediction!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"A2VConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
 
     @property
     def latent_size(self) -> int:
