@@ -243,12 +243,12 @@ class RenderPipeline:
                                                    options.cond_scale)
             shape = (len(seeds), *one[1:])
             if options.sampler == "ddim":
-                flows = ddim_sample(self.a2v.schedule, denoise, shape, steps=options.steps, eta=options.eta,
-                                    noise=noise, progress=progress)
+                motion = ddim_sample(self.a2v.schedule, denoise, shape, steps=options.steps, eta=options.eta,
+                                     noise=noise, progress=progress, clip=self.a2v.clip_samples)
             else:
-                flows = dpm_solver_sample(self.a2v.schedule, denoise, shape, steps=options.steps, noise=noise,
-                                          progress=progress)
-        return flows.float()
+                motion = dpm_solver_sample(self.a2v.schedule, denoise, shape, steps=options.steps, noise=noise,
+                                           progress=progress, clip=self.a2v.clip_samples)
+        return self.a2v.flows_from_motion(motion.float())
 
     # ---- stage 4: frames ---------------------------------------------------------------------------
     @torch.no_grad()

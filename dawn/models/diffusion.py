@@ -119,7 +119,9 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.9) -> torch.Tensor
     return x0.clamp(-s, s) / s
 
 
-def _clip_x0(x0: torch.Tensor, dynamic: bool, percentile: float) -> torch.Tensor:
+def _clip_x0(x0: torch.Tensor, dynamic: bool, percentile: float, clip: bool = True) -> torch.Tensor:
+    if not clip:
+        return x0
     return dynamic_threshold(x0, percentile) if dynamic else x0.clamp(-1.0, 1.0)
 
 
@@ -143,7 +145,7 @@ def _initial_noise(shape, noise, generator, device) -> torch.Tensor:
 def ddim_sample(schedule: CosineSchedule, denoise: Denoiser, shape: Sequence[int], steps: int = 20,
                 eta: float = 1.0, generator: torch.Generator | None = None,
                 noise: Sequence[torch.Tensor] | None = None, dynamic_threshold: bool = True,
-                percentile: float = 0.9, progress: Progress | None = None) -> torch.Tensor:
+                percentile: float = 0.9, progress: Progress | None = None, clip: bool = True) -> torch.Tensor:
     """DDIM exactly as the reference `GaussianDiffusion.ddim_sample` (ARCHITECTURE.md §4.6).
 
     shape: (B, C, T, H, W); returns x0 of that shape on the schedule's device. Per step (t -> t'):
@@ -152,8 +154,8 @@ def ddim_sample(schedule: CosineSchedule, denoise: Denoiser, shape: Sequence[int
         sigma = eta sqrt((1 - alpha/alpha') (1 - alpha') / (1 - alpha)),
         x_t' = sqrt(alpha') x0 + sqrt(1 - alpha' - sigma^2) eps + sigma z,  z drawn only if t' > 0.
     With eta = 1 the last step (t' = 0) returns the clipped x0 itself, so the result is in [-1, 1].
-    Clipping is per-sample dynamic thresholding, or clamp(-1, 1) when dynamic_threshold is False.
-    Random draws: x_T, then (if eta > 0) one N(0, I) per step with t' > 0, from `generator`, or taken
+    Clipping is per-sample dynamic thresholding, or clamp(-1, 1) when dynamic_threshold is False, or none
+    when clip is False (targets not bounded by 1, e.g. A2VConfig.motion_target "offset"). Random draws: x_T, then (if eta > 0) one N(0, I) per step with t' > 0, from `generator`, or taken
     in that order from `noise` (a sequence of tensors of `shape`: x_T first) when given.
     """
     device = schedule.betas.device
@@ -163,7 +165,7 @@ def ddim_sample(schedule: CosineSchedule, denoise: Denoiser, shape: Sequence[int
     for i, (t, t_next) in enumerate(pairs):
         t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
         eps = denoise(x, t_batch).to(x.dtype)
-        x0 = _clip_x0(schedule.predict_x0(x, t_batch, eps), dynamic_threshold, percentile)
+        x0 = _clip_x0(schedule.predict_x0(x, t_batch, eps), dynamic_threshold, percentile, clip)
         alpha, alpha_next = schedule.alphas_cumprod_prev[t], schedule.alphas_cumprod_prev[t_next]
         sigma = eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)).sqrt()
         c = (1 - alpha_next - sigma ** 2).sqrt()
@@ -182,7 +184,7 @@ def ddim_sample(schedule: CosineSchedule, denoise: Denoiser, shape: Sequence[int
 def dpm_solver_sample(schedule: CosineSchedule, denoise: Denoiser, shape: Sequence[int],
                       steps: int = 20, generator: torch.Generator | None = None,
                       noise: Sequence[torch.Tensor] | None = None, dynamic_threshold: bool = True,
-                      percentile: float = 0.9, progress: Progress | None = None) -> torch.Tensor:
+                      percentile: float = 0.9, progress: Progress | None = None, clip: bool = True) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, multistep, data prediction): deterministic, at most `steps`
     denoiser calls at the integer times nearest to a grid uniform in log-SNR from t = T-1 to t = 0
     (duplicates merged: the cosine schedule's last step jumps by 4.6 in log-SNR); the result is the
@@ -192,7 +194,7 @@ def dpm_solver_sample(schedule: CosineSchedule, denoise: Denoiser, shape: Sequen
     h = lambda_t - lambda_s and r = h_prev / h, the update s -> t is
         D = (1 + 1/(2r)) x0_s - 1/(2r) x0_prev   (first step: D = x0_s)
         x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D.
-    Clipping of each x0 prediction as in `ddim_sample`. Only x_T is random (`generator` or noise[0]).
+    Clipping of each x0 prediction as in `ddim_sample` (none when clip is False). Only x_T is random (`generator` or noise[0]).
     """
     device = schedule.betas.device
     ac = schedule.alphas_cumprod.double()
@@ -206,7 +208,7 @@ def dpm_solver_sample(schedule: CosineSchedule, denoise: Denoiser, shape: Sequen
     for i, s in enumerate(times):
         s_batch = torch.full((shape[0],), s, dtype=torch.long, device=device)
         eps = denoise(x, s_batch).to(x.dtype)
-        x0 = _clip_x0(schedule.predict_x0(x, s_batch, eps), dynamic_threshold, percentile)
+        x0 = _clip_x0(schedule.predict_x0(x, s_batch, eps), dynamic_threshold, percentile, clip)
         if i == len(times) - 1:
             x = x0
         else:

@@ -35,6 +35,7 @@ from torch import nn
 
 from dawn.models.attention import RelativePositionBias, RotaryEmbedding, full_attention_bias, local_attention
 from dawn.models.diffusion import PREDICTIONS, CosineSchedule, eps_denoiser
+from dawn.models.lfg import coordinate_grid
 
 # Temporal attention handles at most this many (sequence x frame) tokens at once (about 100 MB of q/k/v
 # in float32): long renders then need no more memory per layer than a short clip.
@@ -42,6 +43,9 @@ TEMPORAL_TOKENS_PER_CHUNK = 2**15
 # Inference runs per-frame layers over chunks of frames of at most this many activation elements (128
 # frames of a 64-channel 32x32 level, 32 MB in float32).
 FRAME_CHUNK_ELEMENTS = 2**23
+
+
+MOTION_TARGETS = ("grid", "offset")
 
 
 @dataclass
@@ -72,11 +76,21 @@ class A2VConfig:
     # what the network outputs: "eps" (paper Eq. 2; the released checkpoints) or "v" (v-prediction; its loss
     # weighs the coarse motion at high noise far more, so short trainings sample sensible motion much sooner)
     prediction: str = "eps"
+    # the motion x0 the diffusion generates: "grid" = the LFG's absolute sampling grid (the reference and its
+    # checkpoints); "offset" = (grid - identity grid) / offset_scale, the displacement at about unit scale.
+    # At grid scale (std 0.57) the mouth's motion is ~2 % of the range and sampling error hides it; offsets
+    # are sampled without clipping (they are not bounded by 1). The occlusion channel is 2*occ-1 in both.
+    motion_target: str = "grid"
+    offset_scale: float = 0.05
 
     def __post_init__(self):
         self.dim_mults = tuple(self.dim_mults)
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"A2VConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.motion_target not in MOTION_TARGETS:
+            raise ValueError(f"A2VConfig.motion_target must be one of {MOTION_TARGETS}, got {self.motion_target!r}")
+        if not self.offset_scale > 0:
+            raise ValueError(f"A2VConfig.offset_scale must be positive, got {self.offset_scale}")
 
     @property
     def latent_size(self) -> int:
@@ -825,3 +839,23 @@ class A2VFDM(nn.Module):
             return self.forward_prepared(x_t, t, context)
 
         return eps_denoiser(self.schedule, network, self.config.prediction)
+
+    # --- motion representation (A2VConfig.motion_target) ----------------------------------------------
+    @property
+    def clip_samples(self) -> bool:
+        """Whether samplers clip x0 to [-1, 1] (grids are; offsets are not bounded)."""
+        return self.config.motion_target == "grid"
+
+    def motion_from_flows(self, flows: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, L, L) [grid x, grid y, 2*occ-1] from the LFG -> the x0 this network generates."""
+        if self.config.motion_target == "grid":
+            return flows
+        identity = coordinate_grid(*flows.shape[-2:], flows.device).permute(2, 0, 1)[:, None].to(flows.dtype)
+        return torch.cat([(flows[:, :2] - identity) / self.config.offset_scale, flows[:, 2:]], dim=1)
+
+    def flows_from_motion(self, motion: torch.Tensor) -> torch.Tensor:
+        """Inverse of `motion_from_flows` (occlusion channel clamped to [-1, 1]) -> [grid x, grid y, 2*occ-1]."""
+        if self.config.motion_target == "grid":
+            return motion
+        identity = coordinate_grid(*motion.shape[-2:], motion.device).permute(2, 0, 1)[:, None].to(motion.dtype)
+        return torch.cat([motion[:, :2] * self.config.offset_scale + identity, motion[:, 2:].clamp(-1, 1)], dim=1)

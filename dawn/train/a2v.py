@@ -93,8 +93,8 @@ class A2VObjective(Objective):
 
     @torch.no_grad()
     def motion_targets(self, frames: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """frames (B, 3, K, S, S), source (B, 3, S, S) -> x0 (B, 3, K, L, L) = [flow x, flow y, 2*occ-1]
-        of each frame w.r.t. the source, from the frozen LFG."""
+        """frames (B, 3, K, S, S), source (B, 3, S, S) -> x0 (B, 3, K, L, L): [flow x, flow y, 2*occ-1] of
+        each frame w.r.t. the source, from the frozen LFG, as A2V-FDM generates it (A2VConfig.motion_target)."""
         b, _, k, s, _ = frames.shape
         driving = frames.transpose(1, 2).reshape(b * k, 3, s, s)
         sources = source[:, None].expand(b, k, 3, s, s).reshape(b * k, 3, s, s)
@@ -103,7 +103,7 @@ class A2VObjective(Objective):
                                   for i in range(0, b * k, step)))
         flow, occlusion = torch.cat(flows).float(), torch.cat(occlusions).float()  # (BK, L, L, 2), (BK, 1, L, L)
         x0 = torch.cat([flow.permute(0, 3, 1, 2), 2 * occlusion - 1], dim=1)  # (BK, 3, L, L)
-        return x0.view(b, k, 3, *x0.shape[-2:]).transpose(1, 2).contiguous()
+        return self.a2v.motion_from_flows(x0.view(b, k, 3, *x0.shape[-2:]).transpose(1, 2).contiguous())
 
     def condition(self, batch: dict, dropout: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, K, 1032) = [HuBERT, pose delta, eye delta]; frames zeroed with probability `dropout`."""
@@ -143,12 +143,13 @@ class A2VObjective(Objective):
         x0 = self.motion_targets(first["frames"], first["source"])
         denoise = self.a2v.denoiser(self.features(first), self.condition(first, 0.0))
         sample = ddim_sample(self.schedule, denoise, tuple(x0.shape), steps=self.options.sample_steps,
-                             generator=torch.Generator(self.device).manual_seed(0)).float()
+                             generator=torch.Generator(self.device).manual_seed(0), clip=self.a2v.clip_samples).float()
         k = x0.shape[2]
         shown = torch.linspace(0, k - 1, min(8, k)).round().long()
 
         def decode(motion):
-            frames = self.lfg.decode_video(first["source"], motion[:, :2], (motion[:, 2:] + 1) / 2)
+            flows = self.a2v.flows_from_motion(motion)
+            frames = self.lfg.decode_video(first["source"], flows[:, :2], (flows[:, 2:] + 1) / 2)
             return frames[shown.to(frames.device)]
 
         real = first["frames"][0].transpose(0, 1)[shown.to(first["frames"].device)]

@@ -197,6 +197,11 @@ class LFGObjective(Objective):
         sigma_affine: float = 0.05
         sigma_tps: float = 0.005
         points_tps: int = 5
+        # training-time augmentation of each (source, driving) pair, the same for both frames (as MRAA / FOMM
+        # train): a horizontal flip with this probability, and per-channel gains in 1 +- colour_jitter
+        # (brightness and colour cast). Faces the LFG has not seen then still move as trained ones do.
+        flip_probability: float = 0.5
+        colour_jitter: float = 0.1
 
     def __init__(self, config: TrainConfig, device: torch.device):
         super().__init__(config, device)
@@ -224,8 +229,23 @@ class LFGObjective(Objective):
     def batches(self, rows: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
         return lfg_pairs(rows, self.config.batch_size, rng, per_row=self.config.samples_per_row)
 
+    def augment(self, source: torch.Tensor, driving: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Options.flip_probability / colour_jitter applied to each pair (B, 3, S, S), identically to both."""
+        o = self.options
+        b = source.shape[0]
+        flip = (torch.rand(b, generator=generator) < o.flip_probability).to(source.device).view(b, 1, 1, 1)
+        gain = (1 + o.colour_jitter * (2 * torch.rand(b, 3, 1, 1, generator=generator) - 1)).to(source)
+
+        def transform(x):
+            return (torch.where(flip, x.flip(-1), x) * gain).clamp(0, 1)
+
+        return transform(source), transform(driving)
+
     def loss(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         source, driving = batch["source"], batch["driving"]
+        if self.lfg.training:
+            source, driving = self.augment(source, driving, self.noise_generator("cpu"))
         out = self.lfg(source, driving)
         reconstruction = self.reconstruction(out["prediction"], driving)
         shift, affine = self.equivariance(driving, out["driving_regions"])

@@ -121,6 +121,12 @@ def test_ddim_last_step_returns_clipped_x0(schedule):
     expected = dynamic_threshold(schedule.predict_x0(x_t, t, eps), 0.9)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert out.abs().max() <= 1 and out.abs().max() == 1
+    # clip=False (unbounded motion targets): the same run returns the raw x0 prediction
+    seen.clear()
+    raw = ddim_sample(schedule, wild, SHAPE, steps=4, generator=torch.Generator().manual_seed(1), clip=False)
+    x_t, t, eps = seen[-1]
+    torch.testing.assert_close(raw, schedule.predict_x0(x_t, t, eps), rtol=0, atol=0)
+    assert raw.abs().max() > 2
 
 
 def test_seeded_sampling_is_reproducible(schedule):

@@ -41,6 +41,27 @@ def test_lfg_loss_goes_down_and_falls_back_without_vgg(caplog):
     assert {"reconstruction", "equivariance_shift", "equivariance_affine"} <= set(losses[0])
 
 
+def test_lfg_augmentation_transforms_both_frames_of_a_pair_alike():
+    from dawn.train.lfg import LFGObjective
+
+    config = TrainConfig(model="lfg", data="unused", batch_size=2,
+                         objective_options={"flip_probability": 1.0, "colour_jitter": 0.0})
+    objective = LFGObjective(config, torch.device("cpu"))
+    source, driving = torch.rand(64, 3, 16, 16), torch.rand(64, 3, 16, 16)
+    flipped = objective.augment(source, driving)
+    assert torch.equal(flipped[0], source.flip(-1)) and torch.equal(flipped[1], driving.flip(-1))
+    objective.options.flip_probability, objective.options.colour_jitter = 0.5, 0.1
+    same = torch.ones(64, 3, 16, 16) * 0.5
+    ramp = torch.linspace(0, 1, 16).expand(64, 3, 16, 16)  # flips visibly
+    a, b = objective.augment(same, ramp, torch.Generator().manual_seed(0))
+    gain = a[:, :, 0, 0] / 0.5  # per pair and channel
+    assert (gain - 1).abs().max() <= 0.1 + 1e-6 and gain.std() > 0.02
+    flips = ~torch.isclose(b[:, 0, 0, 0], ramp[:, 0, 0, 0] * gain[:, 0])
+    assert 10 < flips.sum() < 54  # about half the pairs
+    torch.testing.assert_close(b[:, :, :, :], (torch.where(flips.view(-1, 1, 1, 1), ramp.flip(-1), ramp)
+                                               * gain[:, :, None, None]).clamp(0, 1))  # same gain on both frames
+
+
 def test_vgg19_loads_a_torchvision_state_dict_and_rejects_others(tmp_path):
     from safetensors.torch import save_file
 

@@ -81,6 +81,25 @@ def test_sampling_equals_the_reference_way(models, inputs):
     assert (flows - unwindowed).abs().max().item() > 1e-2
 
 
+def test_offset_model_samples_unclipped_offsets_and_returns_grids(models, inputs):
+    """A2VConfig.motion_target "offset": the pipeline samples without clipping and hands the decoder grids."""
+    lfg, a2v = models
+    offset = A2VFDM(dataclasses.replace(a2v.config, motion_target="offset")).eval()
+    offset.load_state_dict(a2v.state_dict())
+    pipeline, options = RenderPipeline(lfg=lfg, a2v=offset), RenderOptions(steps=2, seed=5)
+    flows = pipeline.sample_flows(*inputs, options)
+    shape = (1, 3, FRAMES, 16, 16)
+    generator = torch.Generator().manual_seed(options.seed)
+    noise = [torch.randn(shape, generator=generator) for _ in range(1 + sum(t > 0 for _, t in ddim_timesteps(2)))]
+    cond = pipeline.condition(*inputs[:1], inputs[1], inputs[2])
+    features = offset.source_features(lfg.source_latent(pipeline.source_tensor(inputs[0])),
+                                      torch.as_tensor(inputs[0].face_box)[None])
+    with torch.no_grad():
+        motion = ddim_sample(offset.schedule, offset.denoiser(features, cond), shape, steps=2, noise=noise, clip=False)
+    assert motion[:, :2].abs().max() > 1  # unclipped
+    torch.testing.assert_close(flows, offset.flows_from_motion(motion), rtol=0, atol=1e-5)
+
+
 def test_batched_decode_equals_per_frame_decode_with_the_source_encoded_again(models, inputs):
     lfg, _ = models
     portrait = inputs[0]

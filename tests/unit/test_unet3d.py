@@ -161,6 +161,25 @@ def test_v_prediction_model_gives_samplers_eps():
         A2VConfig(prediction="x0")
 
 
+def test_offset_motion_target_is_the_scaled_displacement_and_round_trips():
+    from dawn.models.lfg import coordinate_grid
+
+    grid_model, offset_model = random_model(), random_model(motion_target="offset", offset_scale=0.05)
+    g = torch.Generator().manual_seed(0)
+    identity = coordinate_grid(8, 8).permute(2, 0, 1)[None, :, None]  # (1, 2, 1, 8, 8)
+    flows = torch.cat([identity.expand(2, 2, 5, 8, 8) + 0.05 * torch.randn(2, 2, 5, 8, 8, generator=g),
+                       torch.rand(2, 1, 5, 8, 8, generator=g) * 2 - 1], dim=1)
+    motion = offset_model.motion_from_flows(flows)
+    torch.testing.assert_close(motion[:, :2], (flows[:, :2] - identity) / 0.05)  # unit-scale displacement
+    assert 0.5 < motion[:, :2].std() < 2 and torch.equal(motion[:, 2:], flows[:, 2:])
+    torch.testing.assert_close(offset_model.flows_from_motion(motion), flows)
+    assert offset_model.flows_from_motion(motion * 3)[:, 2:].abs().max() <= 1  # occlusion stays in range
+    assert torch.equal(grid_model.motion_from_flows(flows), flows)  # the reference's absolute grid
+    assert grid_model.clip_samples and not offset_model.clip_samples
+    with pytest.raises(ValueError, match="motion_target"):
+        A2VConfig(motion_target="flow")
+
+
 def test_chunked_inference_equals_plain_forward(monkeypatch):
     """Inference (no gradients) in chunks of 3 frames, in place, with GroupNorm statistics over the whole
     clip, equals the plain forward that training runs."""
