@@ -27,7 +27,7 @@ State-dict tensors are the reference's under shorter module names; `dawn.adapter
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -504,6 +504,7 @@ class TemporalContext:
     bias: RelativeBiasTable
     window: int | None
     reference_mode: bool
+    masks: dict = field(default_factory=dict)  # local_attention's block masks, made once per render
 
     @classmethod
     def build(cls, rotary_emb: RotaryEmbedding, bias: RelativePositionBias, frames: int, window, reference_mode,
@@ -518,6 +519,12 @@ class TemporalContext:
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         pairs = torch.view_as_complex(work.unflatten(-1, (-1, 2)))
         return torch.view_as_real(pairs * self.rotation.to(pairs.dtype)).flatten(-2).to(x.dtype)
+
+    def rotate_(self, x: torch.Tensor) -> torch.Tensor:
+        """`rotate` in place (x float32, last dimension contiguous), x (T, n, ..., dh): no new tensor."""
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        pairs.mul_(self.rotation.view(self.frames, *(1,) * (pairs.ndim - 2), -1))
+        return x
 
     @property
     def frames(self) -> int:
@@ -553,13 +560,19 @@ class TemporalAttention(nn.Module):
     def attend(self, tokens: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
         """tokens (T, n, C) of n spatial positions of one sample -> attention output (T, n, C)."""
         t, n, c = tokens.shape
-        q, k, v = self.to_qkv(self.norm(tokens)).view(t, n, 3, self.heads, self.dim_head).unbind(2)
+        qkv = self.to_qkv(self.norm(tokens)).view(t, n, 3, self.heads, self.dim_head)
+        if qkv.dtype == torch.float32 and not torch.is_grad_enabled():
+            ctx.rotate_(qkv[:, :, :2])  # RoPE on q and k at once, in the projection's buffer
+            q, k, v = qkv.unbind(2)
+        else:
+            q, k, v = qkv.unbind(2)
+            q, k = ctx.rotate(q), ctx.rotate(k)
         # (T, n, heads, dh) -> (n, heads, T, dh) views: attention reads the frame-major layout as is
-        q, k, v = (y.permute(1, 2, 0, 3) for y in (ctx.rotate(q), ctx.rotate(k), v))
+        q, k, v = (y.permute(1, 2, 0, 3) for y in (q, k, v))
         if ctx.reference_mode:
             out = reference_attention(q, k, v, full_attention_bias(t, ctx.bias, ctx.window, q.device, q.dtype))
         else:
-            out = local_attention(q, k, v, ctx.window, ctx.bias)
+            out = local_attention(q, k, v, ctx.window, ctx.bias, mask_cache=ctx.masks)
         return self.to_out(out.permute(2, 0, 1, 3).reshape(t, n, -1))
 
     def position_chunks(self, x: torch.Tensor, ctx: TemporalContext) -> list[tuple[int, slice]]:
@@ -681,6 +694,11 @@ class UNet3D(nn.Module):
         )
         self.flow_head = OutputHead(c, 2 * c.dim, c.dim, 2)
         self.occlusion_head = OutputHead(c, 2 * c.dim, c.dim, 1)
+        # per-frame convolutions read channels_last frames: weights in the same layout are not converted
+        # at every call (loading a state dict copies into these tensors and keeps their layout)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
 
     def prepare(self, source_features: torch.Tensor, cond: torch.Tensor) -> A2VContext:
         """source_features (B, C+16, L, L), cond (B, T, 1032) -> the render's A2VContext."""
