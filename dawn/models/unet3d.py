@@ -40,6 +40,9 @@ from dawn.models.diffusion import PREDICTIONS, CosineSchedule, eps_denoiser
 # clip, whose q/k/v (6 MB in float32) stay in a core's cache between the projection, RoPE and the attention
 # (1.7x faster than 100 MB chunks on a 2 MB-L2 Xeon); long renders need no more memory per layer than short.
 TEMPORAL_TOKENS_PER_CHUNK = 2**11
+# Local temporal attention takes queries in blocks of this many frames: the CPU flash-attention kernel splits
+# queries in blocks of 32, so 40-frame blocks (the window) ran as 32 + 8 (32: ~8% faster, 7% fewer key reads).
+TEMPORAL_QUERY_BLOCK = 32
 # Inference runs per-frame layers over chunks of frames of at most this many activation elements (8 frames of
 # a 64-channel 32x32 level, 2 MB in float32): a chunk's intermediates stay in cache between the pointwise ops
 # (norms, SiLU, cross-attention terms, projections); a U-Net step is ~15% faster than with 32 MB chunks.
@@ -124,9 +127,10 @@ def per_frame(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.view(b, t, *y.shape[1:]).transpose(1, 2)
 
 
-def frame_chunks(x: torch.Tensor) -> list[slice]:
-    """Slices of the frame axis of x (B, C, T, H, W) of at most FRAME_CHUNK_ELEMENTS elements per sample."""
-    t, per_frame_elements = x.shape[2], x.shape[1] * x.shape[3] * x.shape[4]
+def frame_chunks(x: torch.Tensor, channels: int | None = None) -> list[slice]:
+    """Slices of the frame axis of x (B, C, T, H, W) of at most FRAME_CHUNK_ELEMENTS elements per sample
+    (counted with `channels` channels when given: a layer's output width)."""
+    t, per_frame_elements = x.shape[2], (channels or x.shape[1]) * x.shape[3] * x.shape[4]
     step = max(1, FRAME_CHUNK_ELEMENTS // per_frame_elements)
     return [slice(start, min(start + step, t)) for start in range(0, t, step)]
 
@@ -572,7 +576,7 @@ class TemporalAttention(nn.Module):
         if ctx.reference_mode:
             out = reference_attention(q, k, v, full_attention_bias(t, ctx.bias, ctx.window, q.device, q.dtype))
         else:
-            out = local_attention(q, k, v, ctx.window, ctx.bias, mask_cache=ctx.masks)
+            out = local_attention(q, k, v, ctx.window, ctx.bias, TEMPORAL_QUERY_BLOCK, ctx.masks)
         return self.to_out(out.permute(2, 0, 1, 3).reshape(t, n, -1))
 
     def position_chunks(self, x: torch.Tensor, ctx: TemporalContext) -> list[tuple[int, slice]]:
@@ -750,7 +754,7 @@ class UNet3D(nn.Module):
 
         def input_conv() -> torch.Tensor:  # r of `forward_prepared`
             return map_chunks(lambda s: per_frame(lambda f: F.conv2d(f, w, padding=self.init_conv.padding),
-                                                  x_t[:, :, s]) + ctx.source_init, frame_chunks(x_t), x_t.shape[2])
+                                                  x_t[:, :, s]) + ctx.source_init, frame_chunks(x_t, c.dim), x_t.shape[2])
 
         x = self.init_temporal_attn.infer_(input_conv(), ctx.temporal)
         time_emb = self.time_mlp(t)
