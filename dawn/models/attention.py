@@ -107,6 +107,7 @@ def local_attention(
     window: int | None,
     bias_fn: BiasFn | None = None,
     block: int | None = None,
+    mask_cache: dict | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, h, T, d) over k, v where |key frame - query frame| <= window.
 
@@ -114,7 +115,8 @@ def local_attention(
     attends to the contiguous key range it can see (its frames plus `window` on each side), a view of
     k and v, so memory is O(T * (block + 2 * window)) and nothing is copied. Masks are 4-D so that
     scaled_dot_product_attention can use its fused kernels. `bias_fn(rel)` gives the additive
-    per-head bias for relative offsets rel = j - i.
+    per-head bias for relative offsets rel = j - i. `mask_cache` (a dict, optional) keeps the block masks
+    between calls that share bias_fn, window and dtype (many short sequences: one set of masks).
     """
     t = q.shape[-2]
     block = block or max(window or 0, 16)
@@ -123,18 +125,16 @@ def local_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_as_mask(bias, q))
 
     out = torch.empty_like(q)
-    interior_mask = None  # blocks away from both ends all see the same offsets: one mask for them
-    for start in range(0, t, block):
+    masks = {} if mask_cache is None else mask_cache  # a mask depends on the offsets only: blocks away from
+    for start in range(0, t, block):  # both ends share one
         stop = min(start + block, t)
         lo, hi = max(0, start - window), min(t, stop + window)
-        interior = (lo, hi, stop) == (start - window, stop + window, start + block)
-        if interior and interior_mask is not None:
-            mask = interior_mask
-        else:
+        key = (lo - start, hi - start, stop - start, window, q.dtype, q.ndim)
+        mask = masks.get(key)
+        if mask is None:
             rel = torch.arange(lo, hi, device=q.device)[None, :] - torch.arange(start, stop, device=q.device)[:, None]
             bias = bias_fn(rel).to(q.dtype) if bias_fn is not None else q.new_zeros(1, *rel.shape)
-            mask = _as_mask(bias.masked_fill((rel.abs() > window)[None], float("-inf")), q)
-            interior_mask = mask if interior else interior_mask
+            mask = masks[key] = _as_mask(bias.masked_fill((rel.abs() > window)[None], float("-inf")), q)
         out[..., start:stop, :] = F.scaled_dot_product_attention(
             q[..., start:stop, :], k[..., lo:hi, :], v[..., lo:hi, :], attn_mask=mask
         )

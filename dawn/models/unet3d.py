@@ -27,7 +27,7 @@ State-dict tensors are the reference's under shorter module names; `dawn.adapter
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +37,17 @@ from dawn.models.attention import RelativePositionBias, RotaryEmbedding, full_at
 from dawn.models.diffusion import PREDICTIONS, CosineSchedule, eps_denoiser
 from dawn.models.lfg import coordinate_grid
 
-# Temporal attention handles at most this many (sequence x frame) tokens at once (about 100 MB of q/k/v
-# in float32): long renders then need no more memory per layer than a short clip.
-TEMPORAL_TOKENS_PER_CHUNK = 2**15
-# Inference runs per-frame layers over chunks of frames of at most this many activation elements (128
-# frames of a 64-channel 32x32 level, 32 MB in float32).
-FRAME_CHUNK_ELEMENTS = 2**23
+# Temporal attention handles at most this many (sequence x frame) tokens at once: 10 positions of a 200-frame
+# clip, whose q/k/v (6 MB in float32) stay in a core's cache between the projection, RoPE and the attention
+# (1.7x faster than 100 MB chunks on a 2 MB-L2 Xeon); long renders need no more memory per layer than short.
+TEMPORAL_TOKENS_PER_CHUNK = 2**11
+# Local temporal attention takes queries in blocks of this many frames: the CPU flash-attention kernel splits
+# queries in blocks of 32, so 40-frame blocks (the window) ran as 32 + 8 (32: ~8% faster, 7% fewer key reads).
+TEMPORAL_QUERY_BLOCK = 32
+# Inference runs per-frame layers over chunks of frames of at most this many activation elements (8 frames of
+# a 64-channel 32x32 level, 2 MB in float32): a chunk's intermediates stay in cache between the pointwise ops
+# (norms, SiLU, cross-attention terms, projections); a U-Net step is ~15% faster than with 32 MB chunks.
+FRAME_CHUNK_ELEMENTS = 2**19
 
 
 MOTION_TARGETS = ("grid", "offset")
@@ -136,9 +141,10 @@ def per_frame(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.view(b, t, *y.shape[1:]).transpose(1, 2)
 
 
-def frame_chunks(x: torch.Tensor) -> list[slice]:
-    """Slices of the frame axis of x (B, C, T, H, W) of at most FRAME_CHUNK_ELEMENTS elements per sample."""
-    t, per_frame_elements = x.shape[2], x.shape[1] * x.shape[3] * x.shape[4]
+def frame_chunks(x: torch.Tensor, channels: int | None = None) -> list[slice]:
+    """Slices of the frame axis of x (B, C, T, H, W) of at most FRAME_CHUNK_ELEMENTS elements per sample
+    (counted with `channels` channels when given: a layer's output width)."""
+    t, per_frame_elements = x.shape[2], (channels or x.shape[1]) * x.shape[3] * x.shape[4]
     step = max(1, FRAME_CHUNK_ELEMENTS // per_frame_elements)
     return [slice(start, min(start + step, t)) for start in range(0, t, step)]
 
@@ -516,6 +522,7 @@ class TemporalContext:
     bias: RelativeBiasTable
     window: int | None
     reference_mode: bool
+    masks: dict = field(default_factory=dict)  # local_attention's block masks, made once per render
 
     @classmethod
     def build(cls, rotary_emb: RotaryEmbedding, bias: RelativePositionBias, frames: int, window, reference_mode,
@@ -530,6 +537,12 @@ class TemporalContext:
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         pairs = torch.view_as_complex(work.unflatten(-1, (-1, 2)))
         return torch.view_as_real(pairs * self.rotation.to(pairs.dtype)).flatten(-2).to(x.dtype)
+
+    def rotate_(self, x: torch.Tensor) -> torch.Tensor:
+        """`rotate` in place (x float32, last dimension contiguous), x (T, n, ..., dh): no new tensor."""
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        pairs.mul_(self.rotation.view(self.frames, *(1,) * (pairs.ndim - 2), -1))
+        return x
 
     @property
     def frames(self) -> int:
@@ -565,13 +578,19 @@ class TemporalAttention(nn.Module):
     def attend(self, tokens: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
         """tokens (T, n, C) of n spatial positions of one sample -> attention output (T, n, C)."""
         t, n, c = tokens.shape
-        q, k, v = self.to_qkv(self.norm(tokens)).view(t, n, 3, self.heads, self.dim_head).unbind(2)
+        qkv = self.to_qkv(self.norm(tokens)).view(t, n, 3, self.heads, self.dim_head)
+        if qkv.dtype == torch.float32 and not torch.is_grad_enabled():
+            ctx.rotate_(qkv[:, :, :2])  # RoPE on q and k at once, in the projection's buffer
+            q, k, v = qkv.unbind(2)
+        else:
+            q, k, v = qkv.unbind(2)
+            q, k = ctx.rotate(q), ctx.rotate(k)
         # (T, n, heads, dh) -> (n, heads, T, dh) views: attention reads the frame-major layout as is
-        q, k, v = (y.permute(1, 2, 0, 3) for y in (ctx.rotate(q), ctx.rotate(k), v))
+        q, k, v = (y.permute(1, 2, 0, 3) for y in (q, k, v))
         if ctx.reference_mode:
             out = reference_attention(q, k, v, full_attention_bias(t, ctx.bias, ctx.window, q.device, q.dtype))
         else:
-            out = local_attention(q, k, v, ctx.window, ctx.bias)
+            out = local_attention(q, k, v, ctx.window, ctx.bias, TEMPORAL_QUERY_BLOCK, ctx.masks)
         return self.to_out(out.permute(2, 0, 1, 3).reshape(t, n, -1))
 
     def position_chunks(self, x: torch.Tensor, ctx: TemporalContext) -> list[tuple[int, slice]]:
@@ -693,6 +712,11 @@ class UNet3D(nn.Module):
         )
         self.flow_head = OutputHead(c, 2 * c.dim, c.dim, 2)
         self.occlusion_head = OutputHead(c, 2 * c.dim, c.dim, 1)
+        # per-frame convolutions read channels_last frames: weights in the same layout are not converted
+        # at every call (loading a state dict copies into these tensors and keeps their layout)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
 
     def prepare(self, source_features: torch.Tensor, cond: torch.Tensor) -> A2VContext:
         """source_features (B, C+16, L, L), cond (B, T, 1032) -> the render's A2VContext."""
@@ -744,7 +768,7 @@ class UNet3D(nn.Module):
 
         def input_conv() -> torch.Tensor:  # r of `forward_prepared`
             return map_chunks(lambda s: per_frame(lambda f: F.conv2d(f, w, padding=self.init_conv.padding),
-                                                  x_t[:, :, s]) + ctx.source_init, frame_chunks(x_t), x_t.shape[2])
+                                                  x_t[:, :, s]) + ctx.source_init, frame_chunks(x_t, c.dim), x_t.shape[2])
 
         x = self.init_temporal_attn.infer_(input_conv(), ctx.temporal)
         time_emb = self.time_mlp(t)

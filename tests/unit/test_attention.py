@@ -28,6 +28,18 @@ def test_local_attention_equals_masked_full_attention(t, window, block):
     assert (ours - ref).abs().max() < 1e-5
 
 
+def test_local_attention_mask_cache_is_shared_between_calls():
+    g = torch.Generator().manual_seed(0)
+    rpb = RelativePositionBias(heads=4, num_buckets=32, max_distance=32)
+    torch.nn.init.normal_(rpb.relative_attention_bias.weight, generator=g)
+    cache = {}
+    for n in (3, 2):  # two chunks of sequences of the same length reuse the masks of the first
+        q, k, v = (torch.randn(n, 4, 97, 16, generator=g) for _ in range(3))
+        ours = local_attention(q, k, v, 10, rpb, block=16, mask_cache=cache)
+        assert (ours - masked_full_attention(q, k, v, 10, rpb)).abs().max() < 1e-5
+    assert 0 < len(cache) <= 4  # first block, interior blocks, the last two (97 = 6 * 16 + 1)
+
+
 def test_local_attention_without_window_is_full_attention():
     q, k, v = (torch.randn(2, 4, 30, 16) for _ in range(3))
     assert torch.allclose(local_attention(q, k, v, None), F.scaled_dot_product_attention(q, k, v), atol=1e-6)

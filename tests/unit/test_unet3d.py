@@ -308,3 +308,14 @@ def test_dawn_checkpoint_round_trip(tmp_path):
     x_t, t, features, cond = random_inputs(model.config, batch=1, frames=4)
     with torch.no_grad():
         assert torch.equal(loaded(x_t, t, features, cond), model(x_t, t, features, cond))
+
+
+def test_in_place_rope_equals_rope():
+    from dawn.models.attention import RelativePositionBias, RotaryEmbedding
+    from dawn.models.unet3d import TemporalContext
+
+    ctx = TemporalContext.build(RotaryEmbedding(32), RelativePositionBias(8, 32, 32), 30, 8, False, "cpu")
+    qkv = torch.randn(30, 5, 3, 8, 32)
+    expected = torch.stack([ctx.rotate(qkv[:, :, 0]), ctx.rotate(qkv[:, :, 1]), qkv[:, :, 2]], dim=2)
+    ctx.rotate_(qkv[:, :, :2])
+    assert (qkv - expected).abs().max() < 1e-6
