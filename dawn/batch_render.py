@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dawn import DawnError
-from dawn.pipeline import Motion, Portrait, RenderOptions, RenderPipeline
+from dawn.pipeline import SAMPLERS, Motion, Portrait, RenderOptions, RenderPipeline
 from dawn.serving import FramesRequest, render_frames_batched
 
 log = logging.getLogger(__name__)
@@ -206,14 +206,16 @@ class MotionStage(_Stage):
 class FramesStage(_Stage):
     """A2V-FDM flows (rows of one length sampled together) + LFG decode -> frames."""
 
-    def __init__(self, checkpoints: str, steps: int, device: str = "cpu", dtype: str = "fp32"):
+    def __init__(self, checkpoints: str, steps: int, device: str = "cpu", dtype: str = "fp32", eta: float = 1.0,
+                 sampler: str = "ddim"):
         self.pipeline = RenderPipeline.from_checkpoints(checkpoints, stages=("a2v",), device=device, dtype=dtype)
-        self.steps = steps
+        self.steps, self.eta, self.sampler = steps, eta, sampler
 
     def process(self, rows: list[dict]) -> None:
         states = [unpack(row["state"]) for row in rows]
         requests = [FramesRequest(_portrait(s), s["hubert"], Motion(pose=s["motion_pose"], eyes=s["motion_eyes"]),
-                                  RenderOptions(steps=self.steps, seed=int(row["seed"])))
+                                  RenderOptions(steps=self.steps, seed=int(row["seed"]), eta=self.eta,
+                                                sampler=self.sampler))
                     for row, s in zip(rows, states)]
         for row, state, frames in zip(rows, states, render_frames_batched(self.pipeline, requests)):
             if isinstance(frames, BaseException):
@@ -269,13 +271,15 @@ def run_batch_render(manifest: str | Path, checkpoints: str | Path, output: str 
                      hubert: str | Path | None = None, address: str | None = None, num_cpus: int | None = None,
                      features_actors: int = 1, pbnet_actors: int = 1, a2v_actors: int = 1, writer_actors: int = 1,
                      a2v_batch: int = 4, use_gpu: bool = False, dtype: str = "fp32",
-                     cpus_per_actor: float | None = None, show_progress: bool = True) -> list[dict]:
+                     cpus_per_actor: float | None = None, show_progress: bool = True, eta: float = 1.0,
+                     sampler: str = "ddim") -> list[dict]:
     """Render every manifest row to `<output>/<id>.mp4`; returns the results table (one dict per row, in
     manifest order, with RESULT_COLUMNS) and writes it as results.csv + results.parquet.
 
     Uses the Ray cluster this process is connected to, else joins `address`, else starts a local one with
     `num_cpus` (and stops it at the end). cpus_per_actor defaults to what lets every actor start at once
-    (at most 1). use_gpu gives each A2V-FDM actor one GPU (the other stages stay on CPU).
+    (at most 1). use_gpu gives each A2V-FDM actor one GPU (the other stages stay on CPU). eta and sampler:
+    the DDIM eta (1, the reference's, to 0, deterministic) and the sampler of every row.
     """
     import ray
 
@@ -284,6 +288,10 @@ def run_batch_render(manifest: str | Path, checkpoints: str | Path, output: str 
         raise DawnError(f"checkpoint directory not found: {checkpoints}")
     if steps < 1:
         raise DawnError(f"--steps must be at least 1, got {steps}")
+    if not 0 <= eta <= 1:
+        raise DawnError(f"--eta must be between 0 and 1, got {eta}")
+    if sampler not in SAMPLERS:
+        raise DawnError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     resolution = _resolution(checkpoints)
     rows = read_manifest(manifest)
     output.mkdir(parents=True, exist_ok=True)
@@ -315,7 +323,7 @@ def run_batch_render(manifest: str | Path, checkpoints: str | Path, output: str 
         try:
             for row in _render_rows(todo, checkpoints, hubert, resolution, steps, features_actors, pbnet_actors,
                                     a2v_actors, writer_actors, a2v_batch, use_gpu, dtype, cpus_per_actor,
-                                    show_progress):
+                                    show_progress, eta, sampler):
                 failed = bool(row["error"])
                 results[int(row["index"])] = {
                     "id": row["id"], "status": "failed" if failed else "done", "seconds": round(float(row["seconds"]), 3),
@@ -332,7 +340,7 @@ def run_batch_render(manifest: str | Path, checkpoints: str | Path, output: str 
 
 
 def _render_rows(todo, checkpoints, hubert, resolution, steps, features_actors, pbnet_actors, a2v_actors,
-                 writer_actors, a2v_batch, use_gpu, dtype, cpus_per_actor, show_progress):
+                 writer_actors, a2v_batch, use_gpu, dtype, cpus_per_actor, show_progress, eta, sampler):
     """The Ray Data pipeline over the rows to render; yields the finished rows as they complete."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -349,7 +357,7 @@ def _render_rows(todo, checkpoints, hubert, resolution, steps, features_actors, 
                         compute=ActorPoolStrategy(size=features_actors), **common)
     ds = ds.map_batches(MotionStage, fn_constructor_args=(str(checkpoints),), batch_size=1,
                         compute=ActorPoolStrategy(size=pbnet_actors), **common)
-    ds = ds.map_batches(FramesStage, fn_constructor_args=(str(checkpoints), steps, device, dtype),
+    ds = ds.map_batches(FramesStage, fn_constructor_args=(str(checkpoints), steps, device, dtype, eta, sampler),
                         batch_size=a2v_batch, compute=ActorPoolStrategy(size=a2v_actors),
                         num_gpus=1 if use_gpu else 0, **common)
     ds = ds.map_batches(WriterStage, batch_size=1, compute=ActorPoolStrategy(size=writer_actors), **common)

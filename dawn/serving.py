@@ -36,7 +36,7 @@ from typing import Protocol
 import numpy as np
 
 from dawn import DawnError
-from dawn.pipeline import Motion, Portrait, RenderOptions, RenderPipeline
+from dawn.pipeline import SAMPLERS, Motion, Portrait, RenderOptions, RenderPipeline
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class ServeLimits:
     max_queued_renders: int = 16  # waiting renders; one more is refused with 503 + Retry-After
     max_steps: int = 100  # sampling steps a request may ask for
     default_steps: int = 20
+    default_eta: float = 1.0  # DDIM eta of requests that name none (1: the reference's stochastic DDIM)
+    default_sampler: str = "ddim"
     retry_after_s: int = 10  # Retry-After before any render has finished (later: from measured durations)
 
     def __post_init__(self):
@@ -110,6 +112,8 @@ class ServeLimits:
                 raise DawnError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
         if self.max_queued_renders < 0 or self.max_audio_seconds <= 0:
             raise DawnError("serve limits max_queued_renders must be >= 0 and max_audio_seconds > 0")
+        if not 0 <= self.default_eta <= 1 or self.default_sampler not in SAMPLERS:
+            raise DawnError(f"serve limits: default_eta must be in [0, 1] and default_sampler one of {SAMPLERS}")
 
     @classmethod
     def from_args(cls, args: dict) -> "ServeLimits":
@@ -121,15 +125,22 @@ class ServeLimits:
             raise DawnError(f"bad serve limit: {e}") from None
 
 
-def render_options(seed: int | None, steps: int | None, limits: ServeLimits) -> RenderOptions:
-    """Check a request's seed and steps against the limits -> RenderOptions."""
+def render_options(seed: int | None, steps: int | None, limits: ServeLimits, eta: float | None = None,
+                   sampler: str | None = None) -> RenderOptions:
+    """Check a request's seed, steps, DDIM eta and sampler against the limits -> RenderOptions."""
     steps = limits.default_steps if steps is None else steps
     seed = 0 if seed is None else seed
+    eta = limits.default_eta if eta is None else eta
+    sampler = limits.default_sampler if sampler is None else sampler
     if not 1 <= steps <= limits.max_steps:
         raise RequestError(f"steps must be between 1 and {limits.max_steps}, got {steps}")
     if not 0 <= seed < 2**63:
         raise RequestError(f"seed must be a non-negative 64-bit integer, got {seed}")
-    return RenderOptions(steps=steps, seed=seed)
+    if not 0 <= eta <= 1:
+        raise RequestError(f"eta must be between 0 and 1, got {eta}")
+    if sampler not in SAMPLERS:
+        raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    return RenderOptions(steps=steps, seed=seed, eta=eta, sampler=sampler)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,10 +423,11 @@ class RenderService:
         self._resolution: int | None = None
 
     async def submit(self, portrait: Upload, audio: Upload, pose_video: Upload | None = None,
-                     seed: int | None = None, steps: int | None = None) -> RenderJob:
+                     seed: int | None = None, steps: int | None = None, eta: float | None = None,
+                     sampler: str | None = None) -> RenderJob:
         """Check and admit a render; it then runs in the background. Raises RequestError / ServiceBusy."""
         self.jobs.check_capacity()  # refuse early, before decoding anything
-        options = render_options(seed, steps, self.limits)
+        options = render_options(seed, steps, self.limits, eta=eta, sampler=sampler)
         if self._resolution is None:
             self._resolution = await self.stages.resolution()
         prepared = await self.stages.prepare(portrait, audio, pose_video, self._resolution, self.limits)
@@ -496,7 +508,7 @@ def app_args(args: argparse.Namespace, cluster_cpus: float) -> dict:
     out["ingress_cpus"] = share / 2
     out["a2v_gpus"] = args.a2v_gpus
     for name in ("max_upload_bytes", "max_audio_seconds", "max_active_renders", "max_queued_renders",
-                 "max_steps"):
+                 "max_steps", "default_eta"):
         out[name] = getattr(args, name)
     return out
 
@@ -548,4 +560,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--max-active-renders", type=int, default=limits.max_active_renders)
     p.add_argument("--max-queued-renders", type=int, default=limits.max_queued_renders)
     p.add_argument("--max-steps", type=int, default=limits.max_steps)
+    p.add_argument("--default-eta", type=float, default=limits.default_eta,
+                   help="DDIM eta of requests that send none (default 1, the reference's; 0 = deterministic)")
     p.set_defaults(func=_serve_command)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dawn import DawnError
 from dawn.batch_render import run_batch_render
+from dawn.pipeline import SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="folder for <id>.mp4 and results.csv/.parquet")
     parser.add_argument("--hubert", help="HuBERT model folder (default: CHECKPOINTS/hubert)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    parser.add_argument("--eta", type=float, default=1.0,
+                        help="DDIM eta: 1 (default, the reference's stochastic DDIM) to 0 (deterministic)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (local runs only)")
     parser.add_argument("--features-actors", type=int, default=1, help="image/audio/HuBERT actors")
@@ -45,7 +49,8 @@ def main(argv=None) -> int:
             address=args.address, num_cpus=args.num_cpus, features_actors=args.features_actors,
             pbnet_actors=args.pbnet_actors, a2v_actors=args.a2v_actors, writer_actors=args.writer_actors,
             a2v_batch=args.a2v_batch, use_gpu=args.use_gpu, dtype=args.dtype,
-            cpus_per_actor=args.cpus_per_actor, show_progress=not args.no_progress)
+            cpus_per_actor=args.cpus_per_actor, show_progress=not args.no_progress, eta=args.eta,
+            sampler=args.sampler)
     except DawnError as e:
         print(f"batch_render: error: {e}", file=sys.stderr)
         return 2

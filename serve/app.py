@@ -153,10 +153,13 @@ class DawnAPI:
     async def create_render(self, portrait: UploadFile = File(..., description="portrait image"),
                             audio: UploadFile = File(..., description="speech (any audio or video file)"),
                             pose_video: UploadFile | None = File(None, description="take head pose from this video"),
-                            seed: int | None = Form(None), steps: int | None = Form(None)) -> dict:
+                            seed: int | None = Form(None), steps: int | None = Form(None),
+                            eta: float | None = Form(None, description="DDIM eta, 0 (deterministic) to 1"),
+                            sampler: str | None = Form(None, description="ddim or dpm-solver++")) -> dict:
         limits = self.service.limits
         job = await self.service.submit(await _read(portrait, "portrait", limits), await _read(audio, "audio", limits),
-                                        await _read(pose_video, "pose_video", limits), seed=seed, steps=steps)
+                                        await _read(pose_video, "pose_video", limits), seed=seed, steps=steps,
+                                        eta=eta, sampler=sampler)
         return {"id": job.id, "status": job.status, "status_url": f"/v1/renders/{job.id}",
                 "video_url": f"/v1/renders/{job.id}/video"}
 
@@ -194,7 +197,7 @@ def build_app(args: dict) -> serve.Application:
     max_batch_size, batch_wait_s, <stage>_replicas / <stage>_cpus / <stage>_gpus for stage in features,
     pbnet, a2v (a replica count set in a config's `deployments:` section wins), ingress_cpus, and the
     ServeLimits fields (max_upload_bytes, max_audio_seconds, max_active_renders, max_queued_renders,
-    max_steps, default_steps, retry_after_s).
+    max_steps, default_steps, default_eta, default_sampler, retry_after_s).
     """
     if "checkpoints" not in args:
         raise DawnError("build_app needs checkpoints=DIR (a dawn checkpoint directory)")

@@ -78,6 +78,7 @@ def test_videos_from_batch_job_and_serve(demo):
     videos = summary["videos"]
     assert "unseen-speech" in videos and "serve-unseen-speech" in videos
     assert any(name.startswith("heldout-") for name in videos)
+    assert any(name.startswith("trainportrait-") for name in videos)  # held-out speech, training portrait
     for name, path in videos.items():
         info = probe(path)
         assert info["frames"] >= 25, (name, info)  # the 3 s clips and the espeak sentence: > 1 s at 25 fps
@@ -97,6 +98,8 @@ def test_metrics_table(demo):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics_table"] == str(out / "evaluation" / "metrics.md")
     assert "Lip-sync proxy" in stdout and "mlflow ui --backend-store-uri" in stdout
+    for key in ("lipsync_held_out", "lipsync_held_out_speech_training_portraits", "identity_held_out_portrait"):
+        assert summary["metrics"][key] is not None, key
 
 
 def test_rerun_skips_finished_stages(demo):

@@ -38,6 +38,16 @@ def test_render_options_checks_steps_and_seed():
         with pytest.raises(RequestError, match=match) as info:
             render_options(seed, steps, limits)
         assert error_status(info.value) == 400
+    # DDIM eta and sampler: the request's, else the service's defaults (the reference's eta 1 and DDIM)
+    assert (render_options(None, None, limits).eta, render_options(None, None, limits).sampler) == (1.0, "ddim")
+    chosen = render_options(None, None, limits, eta=0.0, sampler="dpm-solver++")
+    assert (chosen.eta, chosen.sampler) == (0.0, "dpm-solver++")
+    assert render_options(None, None, ServeLimits(default_eta=0.0)).eta == 0.0
+    for changes, match in (({"eta": 1.5}, "eta"), ({"eta": -0.1}, "eta"), ({"sampler": "euler"}, "sampler")):
+        with pytest.raises(RequestError, match=match):
+            render_options(None, None, limits, **changes)
+    with pytest.raises(DawnError, match="default_eta"):
+        ServeLimits(default_eta=2.0)
 
 
 def test_error_mapping():
