@@ -57,7 +57,6 @@ STAGES = ("corpus", "hubert", "preprocess", "train-lfg", "train-pbnet-pose", "tr
 # - 2 attention heads of 16 instead of 8 of 32 (the tiny preset's 256-wide attention on 16 channels): a step
 #   costs a third, so the budget buys three times the steps.
 A2V_DEMO_OVERRIDES = {"prediction": "v", "motion_target": "offset", "heads": 2, "dim_head": 16}
-A2V_DEMO_OPTIONS = {"w_lip": 10.0}  # the lip region's extra weight in Eq. 7 (paper: 1)
 # The LFG trains without its flip / colour augmentation here: in 1100 plain-torch steps it did not improve the
 # reconstruction of the held-out identity and made those of training identities worse.
 LFG_DEMO_OPTIONS = {"flip_probability": 0.0, "colour_jitter": 0.0}
@@ -76,10 +75,10 @@ TRAINING = {
                               config=dict(batch_size=8, lr=1e-3, lr_schedule="constant")),
     "train-a2v-stage1": dict(model="a2v", stage=1, share=0.35, steps_per_minute=60,
                              config=dict(batch_size=4, lr=1e-3, lr_schedule="constant", warmup_steps=10,
-                                         model_overrides=A2V_DEMO_OVERRIDES, objective_options=A2V_DEMO_OPTIONS)),
+                                         model_overrides=A2V_DEMO_OVERRIDES)),
     "train-a2v-stage2": dict(model="a2v", stage=2, share=0.09, steps_per_minute=60,
                              config=dict(batch_size=2, lr=3e-4, lr_schedule="constant",
-                                         model_overrides=A2V_DEMO_OVERRIDES, objective_options=A2V_DEMO_OPTIONS)),
+                                         model_overrides=A2V_DEMO_OVERRIDES)),
 }
 CHECKPOINT_EVERY_MINUTES = 2.0  # a Ray Train checkpoint about this often (what an interrupted run resumes)
 MAX_HELD_OUT_RENDERS = 2  # held-out videos rendered (and scored); each is --seconds long
