@@ -109,6 +109,10 @@ class RenderPipeline:
         self.lfg, self.a2v, self.pbnet_pose, self.pbnet_blink = (
             m.to(self.device).eval() if m is not None else None for m in (lfg, a2v, pbnet_pose, pbnet_blink))
         self.hubert = hubert
+        if self.a2v is not None:
+            # the U-Net's per-frame convolutions read channels_last frames: weights in that layout are not
+            # converted at every call (inference only: DeepSpeed's broadcast needs contiguous parameters)
+            self.a2v.unet.to(memory_format=torch.channels_last)
         if lfg is not None and a2v is not None:
             _check_compatible(lfg, a2v)
 

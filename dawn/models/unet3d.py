@@ -712,11 +712,6 @@ class UNet3D(nn.Module):
         )
         self.flow_head = OutputHead(c, 2 * c.dim, c.dim, 2)
         self.occlusion_head = OutputHead(c, 2 * c.dim, c.dim, 1)
-        # per-frame convolutions read channels_last frames: weights in the same layout are not converted
-        # at every call (loading a state dict copies into these tensors and keeps their layout)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
 
     def prepare(self, source_features: torch.Tensor, cond: torch.Tensor) -> A2VContext:
         """source_features (B, C+16, L, L), cond (B, T, 1032) -> the render's A2VContext."""
