@@ -41,6 +41,9 @@ from dawn.models.lfg import coordinate_grid
 # clip, whose q/k/v (6 MB in float32) stay in a core's cache between the projection, RoPE and the attention
 # (1.7x faster than 100 MB chunks on a 2 MB-L2 Xeon); long renders need no more memory per layer than short.
 TEMPORAL_TOKENS_PER_CHUNK = 2**11
+# ... but at least this many positions per chunk: long clips would otherwise make many single-position attention
+# calls (1600 frames: 1 position per chunk), and time would grow faster than the length.
+MIN_TEMPORAL_POSITIONS = 8
 # Local temporal attention takes queries in blocks of this many frames: the CPU flash-attention kernel splits
 # queries in blocks of 32, so 40-frame blocks (the window) ran as 32 + 8 (32: ~8% faster, 7% fewer key reads).
 TEMPORAL_QUERY_BLOCK = 32
@@ -596,7 +599,7 @@ class TemporalAttention(nn.Module):
     def position_chunks(self, x: torch.Tensor, ctx: TemporalContext) -> list[tuple[int, slice]]:
         """(sample, slice of the H*W positions) pieces of x (B, C, T, H, W) that are attended at once."""
         b, _, t, h, w = x.shape
-        step = h * w if ctx.reference_mode else max(1, TEMPORAL_TOKENS_PER_CHUNK // t)
+        step = h * w if ctx.reference_mode else max(MIN_TEMPORAL_POSITIONS, TEMPORAL_TOKENS_PER_CHUNK // t)
         return [(i, slice(start, start + step)) for i in range(b) for start in range(0, h * w, step)]
 
     def forward(self, x: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
