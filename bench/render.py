@@ -370,6 +370,14 @@ def run_worker(job: dict) -> dict:
     matmul = [matmul_gflops(device, DTYPES[job["dtype"]])]
     result = {"loaded_bytes": _status_kib("VmRSS") * 1024 if device.type == "cpu" else torch.cuda.memory_allocated()}
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = job.get("cudnn_benchmark", False)
+        # warm-up render (2 steps): CUDA context, library handles and kernel choices stay out of the timings
+        warm = dataclasses.replace(options, steps=2)
+        if ours:
+            pipeline.decode_frames(portrait, pipeline.sample_flows(portrait, hubert, motion, warm), warm.decode_batch)
+        else:
+            reference_decode_frames(pipeline, portrait, reference_sample_flows(pipeline, portrait, hubert, motion, warm))
     calls = count_unet_calls(a2v) if ours else []
     with PeakMemory(device) as sampling_memory:
         if ours:
@@ -431,7 +439,7 @@ def render_one(args, variant: str, preset: str, frames: int, steps: int, sampler
         return result
     job = {"variant": variant, "preset": preset, "frames": frames, "steps": steps, "sampler": sampler,
            "seed": args.seed, "weights_seed": args.weights_seed, "threads": args.threads, "device": args.device,
-           "dtype": args.dtype if variant == "ours" else args.baseline_dtype}
+           "dtype": args.dtype if variant == "ours" else args.baseline_dtype, "cudnn_benchmark": args.cudnn_benchmark}
     if outputs is not None:
         tag = variant.replace(" ", "_")
         job["flows_out"], job["frames_out"] = str(outputs / f"{tag}_flows.npy"), str(outputs / f"{tag}_frames.npy")
@@ -487,9 +495,10 @@ def compare(args) -> None:
             baseline = results.get("reference way")
             if baseline and "skipped" not in baseline:
                 ratio = {k: baseline["total"][k] / ours["total"][k] for k in ("wall", "cpu")}
+                clock = "cpu" if args.device == "cpu" else "wall"
                 print(f"reference way / ours: total x{ratio['wall']:.2f} wall, x{ratio['cpu']:.2f} CPU; sampling "
-                      f"x{baseline['sampling']['cpu'] / ours['sampling']['cpu']:.2f} CPU, decoding "
-                      f"x{baseline['decoding']['cpu'] / ours['decoding']['cpu']:.2f} CPU; peak memory "
+                      f"x{baseline['sampling'][clock] / ours['sampling'][clock]:.2f} {clock}, decoding "
+                      f"x{baseline['decoding'][clock] / ours['decoding'][clock]:.2f} {clock}; peak memory "
                       f"x{baseline['peak'] / ours['peak']:.2f}")
                 print(f"max |ours - reference way|: flows {differences['flows']:.1e}; frames "
                       f"{differences['frames_levels']} / 255 ({differences['frames_differing']:.4%} of values differ)")
@@ -508,8 +517,10 @@ def scaling(args, lengths: list[int], presets: list[str]) -> None:
     """Time and peak memory of each length as ratios to the first length, per preset and variant."""
     for preset in presets:
         variants = VARIANTS[: 1 if args.skip_baseline else 2]
+        clock = "cpu" if args.device == "cpu" else "wall"
         print(f"length scaling: {header(args, preset)}; {args.sampler[0]} {args.steps} steps; ratios to the "
-              f"first row (time: total CPU s; memory: peak RSS above the loaded weights)")
+              f"first row (time: total {'CPU' if clock == 'cpu' else 'wall'} s; memory: peak "
+              f"{'RSS' if clock == 'cpu' else 'CUDA memory'} above the loaded weights)")
         print(f"{'variant':<15}{'frames':>7}{'audio s':>8}{'sampling s':>12}{'decoding s':>12}{'total s':>10}"
               f"{'x time':>8}{'peak MiB':>10}{'x memory':>10}{'live MiB':>10}{'x live':>8}")
         for variant in variants:
@@ -520,9 +531,9 @@ def scaling(args, lengths: list[int], presets: list[str]) -> None:
                     print(f"{variant:<15}{frames:>7}{frames / 25:>8.0f}  skipped: {r['skipped']}")
                     continue
                 first = first or r
-                print(f"{variant:<15}{frames:>7}{frames / 25:>8.0f}{r['sampling']['cpu']:>12.1f}"
-                      f"{r['decoding']['cpu']:>12.1f}{r['total']['cpu']:>10.1f}"
-                      f"{r['total']['cpu'] / first['total']['cpu']:>8.2f}{mib(r['peak']):>10}"
+                print(f"{variant:<15}{frames:>7}{frames / 25:>8.0f}{r['sampling'][clock]:>12.1f}"
+                      f"{r['decoding'][clock]:>12.1f}{r['total'][clock]:>10.1f}"
+                      f"{r['total'][clock] / first['total'][clock]:>8.2f}{mib(r['peak']):>10}"
                       f"{r['peak'] / first['peak']:>10.2f}{mib(r['predicted']['peak']):>10}"
                       f"{r['predicted']['peak'] / first['predicted']['peak']:>8.2f}")
         print()
@@ -600,6 +611,7 @@ def main() -> None:
                         help="the reference way (the official inference runs float32)")
     parser.add_argument("--seed", type=int, default=0, help="noise and input seed")
     parser.add_argument("--weights-seed", type=int, default=0)
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="CUDA: let cuDNN time its convolution algorithms")
     parser.add_argument("--skip-baseline", action="store_true", help="run ours only")
     parser.add_argument("--lengths", nargs="+", type=int, help="length scaling (frames): ratios to the first")
     parser.add_argument("--audio-seconds", nargs="+", type=float,

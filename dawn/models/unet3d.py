@@ -51,6 +51,13 @@ TEMPORAL_QUERY_BLOCK = 32
 # a 64-channel 32x32 level, 2 MB in float32): a chunk's intermediates stay in cache between the pointwise ops
 # (norms, SiLU, cross-attention terms, projections); a U-Net step is ~15% faster than with 32 MB chunks.
 FRAME_CHUNK_ELEMENTS = 2**19
+# On a GPU the chunks only bound memory (kernel launches, not a cache, set the pace there): both limits above are
+# this many times larger for CUDA tensors (a 200-frame hdtf128 render then runs each layer in one piece).
+CUDA_CHUNK_SCALE = 2**8
+
+
+def chunk_scale(x: torch.Tensor) -> int:
+    return CUDA_CHUNK_SCALE if x.is_cuda else 1
 
 
 MOTION_TARGETS = ("grid", "offset")
@@ -148,7 +155,7 @@ def frame_chunks(x: torch.Tensor, channels: int | None = None) -> list[slice]:
     """Slices of the frame axis of x (B, C, T, H, W) of at most FRAME_CHUNK_ELEMENTS elements per sample
     (counted with `channels` channels when given: a layer's output width)."""
     t, per_frame_elements = x.shape[2], (channels or x.shape[1]) * x.shape[3] * x.shape[4]
-    step = max(1, FRAME_CHUNK_ELEMENTS // per_frame_elements)
+    step = max(1, FRAME_CHUNK_ELEMENTS * chunk_scale(x) // per_frame_elements)
     return [slice(start, min(start + step, t)) for start in range(0, t, step)]
 
 
@@ -599,7 +606,8 @@ class TemporalAttention(nn.Module):
     def position_chunks(self, x: torch.Tensor, ctx: TemporalContext) -> list[tuple[int, slice]]:
         """(sample, slice of the H*W positions) pieces of x (B, C, T, H, W) that are attended at once."""
         b, _, t, h, w = x.shape
-        step = h * w if ctx.reference_mode else max(MIN_TEMPORAL_POSITIONS, TEMPORAL_TOKENS_PER_CHUNK // t)
+        tokens = TEMPORAL_TOKENS_PER_CHUNK * chunk_scale(x)
+        step = h * w if ctx.reference_mode else max(MIN_TEMPORAL_POSITIONS, tokens // t)
         return [(i, slice(start, start + step)) for i in range(b) for start in range(0, h * w, step)]
 
     def forward(self, x: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
