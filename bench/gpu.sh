@@ -23,10 +23,10 @@ step() {  # step NAME SECONDS ARGS...: python bench/render.py ARGS, its output i
   "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$LOGS/device.log"
 
-step smoke 60 --presets tiny --frames 24 --steps 2 --dtype bf16
+step smoke 40 --presets tiny --frames 24 --steps 2 --dtype bf16
 step bf16 100 --dtype bf16                        # 200 frames, 20 DDIM steps: ours in bf16, the reference way in fp32
-step fp32 100 --dtype fp32                        # both in fp32: outputs equal within tolerance
-step dpm_solver 50 --dtype bf16 --sampler dpm-solver++ --skip-baseline
+step fp32 90 --dtype fp32                        # both in fp32: outputs equal within tolerance
+step dpm_solver 45 --dtype bf16 --sampler dpm-solver++ --skip-baseline
 step lengths 100 --dtype bf16 --lengths 200 400 800 1600 --skip-baseline
-step cudnn_benchmark 50 --dtype bf16 --skip-baseline --cudnn-benchmark
+step cudnn_benchmark 40 --dtype bf16 --skip-baseline --cudnn-benchmark
 step ten_minutes 60 --dtype bf16 --long-audio-minutes 10 --steps 2

@@ -200,7 +200,7 @@ def dpm_solver_sample(schedule: CosineSchedule, denoise: Denoiser, shape: Sequen
     ac = schedule.alphas_cumprod.double()
     alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
     lam = alpha.log() - sigma.log()  # decreasing in t
-    grid = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+    grid = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64, device=lam.device)
     nearest = (lam[None, :] - grid[:, None]).abs().argmin(dim=1).tolist()
     times = sorted(set(nearest), reverse=True)
     x = _initial_noise(shape, noise, generator, device)

@@ -308,6 +308,10 @@ class ConvBlock(nn.Module):
         variance (B, G)), from the native GroupNorm kernel (its output is discarded)."""
         b, c = h.shape[:2]
         count = h[0, 0].numel() * (c // self.norm.num_groups)
+        if h.is_cuda:  # the CUDA kernel takes contiguous (not channels_last) input only: reduce the view instead
+            var, mean = torch.var_mean(h.unflatten(1, (self.norm.num_groups, -1)).float(), dim=(2, 3, 4, 5),
+                                       correction=0)
+            return count, mean, var
         _, mean, rstd = torch.ops.aten.native_group_norm(h, None, None, b, c, h[0, 0].numel(),
                                                          self.norm.num_groups, self.norm.eps)
         return count, mean.float(), rstd.float().pow(-2) - self.norm.eps
