@@ -17,13 +17,14 @@ step() {  # step NAME SECONDS ARGS...: python bench/render.py ARGS, its output i
     local rc=$?
     grep -v "^\s*$" "$LOGS/$name.log" | grep -v "it/s\]\|s/it\]" | tail -n 25
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    return $rc
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
   "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$LOGS/device.log"
 
-step smoke 40 --presets tiny --frames 24 --steps 2 --dtype bf16
+step smoke 40 --presets tiny --frames 24 --steps 2 --dtype bf16 || exit 1  # the rest would fail alike
 step bf16 100 --dtype bf16                        # 200 frames, 20 DDIM steps: ours in bf16, the reference way in fp32
 step fp32 90 --dtype fp32                        # both in fp32: outputs equal within tolerance
 step dpm_solver 45 --dtype bf16 --sampler dpm-solver++ --skip-baseline
