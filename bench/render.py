@@ -365,7 +365,7 @@ def run_worker(job: dict) -> dict:
     options = RenderOptions(steps=job["steps"], sampler=job["sampler"], seed=job["seed"])
     ours = job["variant"] == "ours"
     lfg, a2v = build_models(job["preset"], job["weights_seed"], device=job["device"])
-    pipeline = RenderPipeline(lfg=lfg, a2v=a2v, device=job["device"], dtype=job["dtype"])
+    pipeline = RenderPipeline(lfg=lfg, a2v=a2v, device=job["device"], dtype=job["dtype"]).use_channels_last()
     portrait, hubert, motion = make_inputs(lfg.config.image_size, job["frames"], seed=job["seed"])
     matmul = [matmul_gflops(device, DTYPES[job["dtype"]])]
     result = {"loaded_bytes": _status_kib("VmRSS") * 1024 if device.type == "cpu" else torch.cuda.memory_allocated()}

@@ -109,14 +109,19 @@ class RenderPipeline:
         self.lfg, self.a2v, self.pbnet_pose, self.pbnet_blink = (
             m.to(self.device).eval() if m is not None else None for m in (lfg, a2v, pbnet_pose, pbnet_blink))
         self.hubert = hubert
-        if self.a2v is not None:
-            # the U-Net's per-frame convolutions read channels_last frames: weights in that layout are not
-            # converted at every call (inference only: DeepSpeed's broadcast needs contiguous parameters)
-            self.a2v.unet.to(memory_format=torch.channels_last)
         if lfg is not None and a2v is not None:
             _check_compatible(lfg, a2v)
 
     # ---- loading ---------------------------------------------------------------------------------
+    def use_channels_last(self) -> "RenderPipeline":
+        """Store the U-Net's convolution weights channels_last, the layout its per-frame convolutions read, so
+        they are not converted at every call (~10% faster sampling on CPU). In place: the loaders call it on
+        models they own; a caller passing in a model it still trains should not (DeepSpeed's parameter
+        broadcast needs contiguous parameters)."""
+        if self.a2v is not None:
+            self.a2v.unet.to(memory_format=torch.channels_last)
+        return self
+
     @classmethod
     def from_checkpoints(cls, directory: str | Path, hubert_dir: str | Path | None = None,
                          stages: tuple[str, ...] = ("features", "pbnet", "a2v"), device: str = "cpu",
@@ -136,7 +141,7 @@ class RenderPipeline:
             models["pbnet_blink"] = load_model(directory, "pbnet_blink")
         if "features" in stages:
             models["hubert"] = _load_hubert(hubert_dir or directory / "hubert", device)
-        return cls(**models, device=device, dtype=dtype)
+        return cls(**models, device=device, dtype=dtype).use_channels_last()
 
     @classmethod
     def from_official(cls, lfg: str | Path, a2v: str | Path, pbnet_pose: str | Path, pbnet_blink: str | Path,
@@ -149,7 +154,7 @@ class RenderPipeline:
         return cls(lfg=load_official_lfg(lfg), a2v=load_official_a2v(a2v),
                    pbnet_pose=load_official_pbnet(pbnet_pose, "pose"),
                    pbnet_blink=load_official_pbnet(pbnet_blink, "blink"),
-                   hubert=_load_hubert(hubert_dir, device), device=device, dtype=dtype)
+                   hubert=_load_hubert(hubert_dir, device), device=device, dtype=dtype).use_channels_last()
 
     @property
     def resolution(self) -> int:

@@ -8,6 +8,7 @@
   encoded again for every frame, as the official code does.
 """
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -79,6 +80,20 @@ def test_sampling_equals_the_reference_way(models, inputs):
     # the comparison sees the window: the same weights without it sample something else
     unwindowed = sample_reference_way(pipeline, reference_unet(a2v, window=None), *inputs, options)
     assert (flows - unwindowed).abs().max().item() > 1e-2
+
+
+def test_channels_last_weights_are_opt_in_and_render_the_same(models, inputs):
+    """The constructor leaves a caller's model as it is (it may still be training under DeepSpeed);
+    `use_channels_last` (what the checkpoint loaders call) converts the conv weights and samples the same."""
+    lfg, a2v = models
+    a2v = copy.deepcopy(a2v)
+    weight = next(p for p in a2v.unet.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+    options = RenderOptions(steps=2, seed=5)
+    plain = RenderPipeline(lfg=lfg, a2v=a2v).sample_flows(*inputs, options)
+    assert weight.is_contiguous()
+    fast = RenderPipeline(lfg=lfg, a2v=a2v).use_channels_last()
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    torch.testing.assert_close(fast.sample_flows(*inputs, options), plain, rtol=0, atol=1e-5)
 
 
 def test_offset_model_samples_unclipped_offsets_and_returns_grids(models, inputs):
