@@ -115,7 +115,7 @@ class RenderPipeline:
     # ---- loading ---------------------------------------------------------------------------------
     def use_channels_last(self) -> "RenderPipeline":
         """Store the U-Net's convolution weights channels_last, the layout its per-frame convolutions read, so
-        they are not converted at every call (~10% faster sampling on CPU). In place: the loaders call it on
+        they are not converted at every call. In place: the loaders call it on
         models they own; a caller passing in a model it still trains should not (DeepSpeed's parameter
         broadcast needs contiguous parameters)."""
         if self.a2v is not None:

@@ -288,6 +288,12 @@ class CrossAttention(nn.Module):
         return self.to_q.weight * self.norm.g, w, v - null_v, out_weight.sum(1) @ null_v, out_weight
 
 
+def group_moments(h: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance), each (B, groups) in float32, of h (B, C, T, H, W) in any memory layout."""
+    var, mean = torch.var_mean(h.unflatten(1, (groups, -1)).float(), dim=(2, 3, 4, 5), correction=0)
+    return mean, var
+
+
 class ConvBlock(nn.Module):
     """Per-frame conv 3x3 -> GroupNorm over (channels of a group, all frames) -> [scale/shift] -> SiLU."""
 
@@ -309,9 +315,7 @@ class ConvBlock(nn.Module):
         b, c = h.shape[:2]
         count = h[0, 0].numel() * (c // self.norm.num_groups)
         if h.is_cuda:  # the CUDA kernel takes contiguous (not channels_last) input only: reduce the view instead
-            var, mean = torch.var_mean(h.unflatten(1, (self.norm.num_groups, -1)).float(), dim=(2, 3, 4, 5),
-                                       correction=0)
-            return count, mean, var
+            return count, *group_moments(h, self.norm.num_groups)
         _, mean, rstd = torch.ops.aten.native_group_norm(h, None, None, b, c, h[0, 0].numel(),
                                                          self.norm.num_groups, self.norm.eps)
         return count, mean.float(), rstd.float().pow(-2) - self.norm.eps

@@ -319,3 +319,16 @@ def test_in_place_rope_equals_rope():
     expected = torch.stack([ctx.rotate(qkv[:, :, 0]), ctx.rotate(qkv[:, :, 1]), qkv[:, :, 2]], dim=2)
     ctx.rotate_(qkv[:, :, :2])
     assert (qkv - expected).abs().max() < 1e-6
+
+
+def test_group_moments_of_a_channels_last_chunk_equal_the_native_group_norm_statistics():
+    """The CUDA path's GroupNorm statistics (a reduction over a view; the CUDA kernel needs contiguous input)
+    equal what the native kernel gives on CPU."""
+    from dawn.models.unet3d import ConvBlock, group_moments
+
+    block = ConvBlock(16, 32, 8)
+    h = torch.randn(2, 32, 5, 6, 6).contiguous(memory_format=torch.channels_last_3d)
+    _, mean, var = block.moments(h)
+    ours_mean, ours_var = group_moments(h, 8)
+    torch.testing.assert_close(ours_mean, mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours_var, var, rtol=1e-4, atol=1e-5)
