@@ -72,17 +72,22 @@ def lfg_pairs(rows: Iterable[dict], batch_size: int, rng: np.random.Generator, p
               drop_last: bool = True) -> Iterator[dict]:
     """LFG training pairs: source and driving frames drawn uniformly from the same segment.
 
-    Yields {"source": (B,3,S,S), "driving": (B,3,S,S)} float32 in [0, 1].
+    Yields {"source": (B,3,S,S), "driving": (B,3,S,S)} float32 in [0, 1], and "driving_lip_box" (B,6) float32
+    (the driving frame's lip box, pixels) when the rows have a "lip_box" column.
     """
     def samples():
         for row in rows:
             for _ in range(per_row):
                 source, driving = rng.integers(0, row["num_frames"], size=2)
-                yield row["frames"][source], row["frames"][driving]
+                lip_box = row["lip_box"][driving] if "lip_box" in row else None
+                yield row["frames"][source], row["frames"][driving], lip_box
 
     def collate(batch):
-        sources, drivings = zip(*batch)
-        return {"source": _images(np.stack(sources)), "driving": _images(np.stack(drivings))}
+        sources, drivings, lip_boxes = zip(*batch)
+        pairs = {"source": _images(np.stack(sources)), "driving": _images(np.stack(drivings))}
+        if all(box is not None for box in lip_boxes):
+            pairs["driving_lip_box"] = torch.from_numpy(np.stack(lip_boxes).astype(np.float32))
+        return pairs
 
     yield from _batches(samples(), batch_size, collate, drop_last)
 

@@ -33,22 +33,7 @@ from dawn.data.readers import A2V_STAGE1_FRAMES, A2V_STAGE2_FRAMES, a2v_clips
 from dawn.models.diffusion import CosineSchedule, ddim_sample, diffusion_loss
 from dawn.models.unet3d import A2VFDM, A2VConfig
 from dawn.train.config import TrainConfig
-from dawn.train.objective import Objective, image_grid, override_config
-
-
-def box_mask(boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Boxes (N, 6) [x_min, x_max, y_min, y_max, H, W] in pixels -> (N, size, size) 0/1 masks.
-
-    x scaled by size/W, y by size/H; left/top truncated, right/bottom = trunc(value + 1), both inclusive
-    (the face-mask rule of ARCHITECTURE.md §3 step 2, with the sides the right way round, §9.2).
-    """
-    x_min, x_max, y_min, y_max, h, w = boxes.double().unbind(-1)
-    left, right = (x_min * size / w).trunc(), (x_max * size / w + 1).trunc()
-    top, bottom = (y_min * size / h).trunc(), (y_max * size / h + 1).trunc()
-    idx = torch.arange(size, device=boxes.device, dtype=torch.float64)
-    rows = (idx >= top[:, None]) & (idx <= bottom[:, None])
-    cols = (idx >= left[:, None]) & (idx <= right[:, None])
-    return (rows[:, :, None] & cols[:, None, :]).float()
+from dawn.train.objective import Objective, box_mask, image_grid, override_config
 
 
 class A2VObjective(Objective):

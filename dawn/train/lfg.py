@@ -33,7 +33,7 @@ from dawn import DawnError
 from dawn.data.readers import lfg_pairs
 from dawn.models.lfg import LFG, LFGConfig, AntiAliasDownsample, coordinate_grid
 from dawn.train.config import TrainConfig
-from dawn.train.objective import Objective, image_grid, override_config
+from dawn.train.objective import Objective, box_mask, image_grid, override_config
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class RandomTPS:
 
 class LFGObjective(Objective):
     checkpoint_name = "lfg"
-    data_columns = ("frames",)
+    data_columns = ("frames", "lip_box")
 
     @dataclass
     class Options:
@@ -202,6 +202,10 @@ class LFGObjective(Objective):
         # (brightness and colour cast). Faces the LFG has not seen then still move as trained ones do.
         flip_probability: float = 0.5
         colour_jitter: float = 0.1
+        # An extra L1 term over the driving frame's lip box, times this weight (0 = off, the paper's loss). The
+        # mouth is ~2 % of a face crop, so the frame-wide losses hardly weigh whether it opens; the demo's
+        # minutes-long runs use it (dawn/demo.py).
+        lip_weight: float = 0.0
 
     def __init__(self, config: TrainConfig, device: torch.device):
         super().__init__(config, device)
@@ -229,9 +233,10 @@ class LFGObjective(Objective):
     def batches(self, rows: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
         return lfg_pairs(rows, self.config.batch_size, rng, per_row=self.config.samples_per_row)
 
-    def augment(self, source: torch.Tensor, driving: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Options.flip_probability / colour_jitter applied to each pair (B, 3, S, S), identically to both."""
+    def augment(self, source: torch.Tensor, driving: torch.Tensor, generator: torch.Generator | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Options.flip_probability / colour_jitter applied to each pair (B, 3, S, S), identically to both; a
+        (B, 1, S, S) mask of the driving frame is flipped with it."""
         o = self.options
         b = source.shape[0]
         flip = (torch.rand(b, generator=generator) < o.flip_probability).to(source.device).view(b, 1, 1, 1)
@@ -240,19 +245,38 @@ class LFGObjective(Objective):
         def transform(x):
             return (torch.where(flip, x.flip(-1), x) * gain).clamp(0, 1)
 
-        return transform(source), transform(driving)
+        if mask is None:
+            return transform(source), transform(driving)
+        return transform(source), transform(driving), torch.where(flip, mask.flip(-1), mask)
+
+    def lip_mask(self, batch: dict) -> torch.Tensor | None:
+        """(B, 1, S, S) 0/1 mask of the driving frames' lip boxes, when Options.lip_weight asks for it."""
+        if self.options.lip_weight <= 0:
+            return None
+        if "driving_lip_box" not in batch:
+            raise DawnError("the LFG lip_weight option needs the shards' lip_box column")
+        size = batch["driving"].shape[-1]
+        return box_mask(batch["driving_lip_box"], size).to(batch["driving"])[:, None]
 
     def loss(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        source, driving = batch["source"], batch["driving"]
+        source, driving, lips = batch["source"], batch["driving"], self.lip_mask(batch)
         if self.lfg.training:
-            source, driving = self.augment(source, driving, self.noise_generator("cpu"))
+            augmented = self.augment(source, driving, self.noise_generator("cpu"), lips)
+            source, driving = augmented[:2]
+            lips = augmented[2] if lips is not None else None
         out = self.lfg(source, driving)
         reconstruction = self.reconstruction(out["prediction"], driving)
         shift, affine = self.equivariance(driving, out["driving_regions"])
         o = self.options
         loss = reconstruction + o.equivariance_shift * shift + o.equivariance_affine * affine
-        return {"loss": loss, "reconstruction": reconstruction, "equivariance_shift": shift,
-                "equivariance_affine": affine}
+        losses = {"loss": loss, "reconstruction": reconstruction, "equivariance_shift": shift,
+                  "equivariance_affine": affine}
+        if lips is not None:
+            # mean |x_gen - x_dri| over the lip boxes' pixels (frames without a face have empty boxes)
+            error = ((out["prediction"] - driving).abs() * lips).sum() / (3 * lips.sum()).clamp_min(1)
+            losses["lip_l1"] = error
+            losses["loss"] = loss + o.lip_weight * error
+        return losses
 
     def equivariance(self, driving: torch.Tensor, regions: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """MRAA equivariance of the region predictor under a random TPS warp of the driving frame."""

@@ -134,6 +134,22 @@ def torch_engines(objective: Objective, lr: float | None = None) -> dict[str, To
             for name, module in objective.trainable.items()}
 
 
+def box_mask(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Boxes (N, 6) [x_min, x_max, y_min, y_max, H, W] in pixels -> (N, size, size) 0/1 masks.
+
+    x scaled by size/W, y by size/H; left/top truncated, right/bottom = trunc(value + 1), both inclusive
+    (the face-mask rule of ARCHITECTURE.md §3 step 2, with the sides the right way round, §9.2). An all-zero box
+    (no face found in that frame) gives an empty mask.
+    """
+    x_min, x_max, y_min, y_max, h, w = boxes.double().unbind(-1)
+    left, right = (x_min * size / w).trunc(), (x_max * size / w + 1).trunc()
+    top, bottom = (y_min * size / h).trunc(), (y_max * size / h + 1).trunc()
+    idx = torch.arange(size, device=boxes.device, dtype=torch.float64)
+    rows = (idx >= top[:, None]) & (idx <= bottom[:, None])
+    cols = (idx >= left[:, None]) & (idx <= right[:, None])
+    return (rows[:, :, None] & cols[:, None, :]).float()
+
+
 def override_config(config, overrides: dict):
     """A network config dataclass with some fields replaced (TrainConfig.model_overrides)."""
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(config)})

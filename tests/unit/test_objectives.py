@@ -62,6 +62,38 @@ def test_lfg_augmentation_transforms_both_frames_of_a_pair_alike():
                                                * gain[:, :, None, None]).clamp(0, 1))  # same gain on both frames
 
 
+def test_lfg_lip_term_weighs_the_lip_box_and_flips_with_the_pair():
+    from dawn.train.lfg import LFGObjective
+
+    options = {"flip_probability": 0.0, "colour_jitter": 0.0}
+    plain = LFGObjective(TrainConfig(model="lfg", data="unused", objective_options=options), torch.device("cpu"))
+    lips = LFGObjective(TrainConfig(model="lfg", data="unused", objective_options={**options, "lip_weight": 5.0}),
+                        torch.device("cpu"))
+    lips.lfg.load_state_dict(plain.lfg.state_dict())
+    source = torch.rand(2, 3, 64, 64)
+    # the second box is all zeros (no face found in that frame): it adds nothing
+    boxes = torch.tensor([[20.0, 40.0, 40.0, 50.0, 64.0, 64.0], [0.0] * 6])
+    batch = {"source": source, "driving": source.roll(3, dims=2), "driving_lip_box": boxes}
+    for objective in (plain, lips):
+        objective.lfg.train(False)  # no augmentation
+    with torch.no_grad():
+        base, with_lips = plain.loss(batch, 0), lips.loss(batch, 0)
+        prediction = lips.lfg(batch["source"], batch["driving"])["prediction"]
+    expected = (prediction[0, :, 40:52, 20:42] - batch["driving"][0, :, 40:52, 20:42]).abs().mean()
+    torch.testing.assert_close(with_lips["lip_l1"], expected)
+    torch.testing.assert_close(with_lips["reconstruction"], base["reconstruction"])
+    rest = with_lips["reconstruction"] + 10 * (with_lips["equivariance_shift"] + with_lips["equivariance_affine"])
+    torch.testing.assert_close(with_lips["loss"], rest + 5.0 * expected)
+    assert "lip_l1" not in base
+    # a flipped pair flips its lip mask too
+    lips.options.flip_probability = 1.0
+    mask = lips.lip_mask(batch)
+    _, _, flipped = lips.augment(source, batch["driving"], mask=mask)
+    assert torch.equal(flipped, mask.flip(-1)) and flipped[0, 0, 45, 64 - 1 - 30] == 1
+    with pytest.raises(DawnError, match="lip_box"):
+        lips.loss({"source": source, "driving": source}, 0)
+
+
 def test_vgg19_loads_a_torchvision_state_dict_and_rejects_others(tmp_path):
     from safetensors.torch import save_file
 

@@ -88,6 +88,17 @@ def test_lfg_pairs_come_from_one_segment():
         torch.testing.assert_close(batch["source"][:, 1], batch["driving"][:, 1])
     indices = torch.cat([frame_index(b["driving"]) for b in batches])
     assert indices.min() >= 0 and indices.max() < 50 and len(indices.unique()) > 5
+    without = [{k: v for k, v in row.items() if k != "lip_box"} for row in rows]
+    assert "driving_lip_box" not in next(readers.lfg_pairs(without, 4, np.random.default_rng(0)))
+
+
+def test_lfg_pairs_carry_the_driving_frames_lip_box():
+    rows = [decoded(50, video=v) for v in range(2)]
+    for row in rows:
+        row["lip_box"] = np.arange(50, dtype=np.float32)[:, None].repeat(6, 1)  # the frame number
+    batch = next(readers.lfg_pairs(rows, batch_size=4, rng=np.random.default_rng(0), per_row=4))
+    assert batch["driving_lip_box"].shape == (4, 6) and batch["driving_lip_box"].dtype == torch.float32
+    torch.testing.assert_close(batch["driving_lip_box"][:, 0], frame_index(batch["driving"]).float())
 
 
 def test_pbnet_windows_crop_long_and_pad_short_segments():
