@@ -14,6 +14,9 @@ Output: `<output>/<id>.mp4` (atomic), and `results.csv` + `results.parquet` with
 (done | skipped | failed), seconds, error, output. A rerun skips rows whose mp4 exists (status skipped) and
 retries failed ones. A bad row (missing file, no face, unreadable audio, bad id or seed) is recorded as
 failed and the job goes on.
+
+Command line: `dawn batch-render` and `python jobs/batch_render.py` (for `ray job submit`) take the same flags
+(`add_arguments`).
 """
 
 from __future__ import annotations
@@ -362,3 +365,49 @@ def _render_rows(todo, checkpoints, hubert, resolution, steps, features_actors, 
                         num_gpus=1 if use_gpu else 0, **common)
     ds = ds.map_batches(WriterStage, batch_size=1, compute=ActorPoolStrategy(size=writer_actors), **common)
     yield from ds.select_columns(["index", "id", "output", "error", "seconds"]).iter_rows()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line (`dawn batch-render`, jobs/batch_render.py)
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--manifest", required=True, help="CSV or JSONL: id, portrait, audio[, pose_video][, seed]")
+    parser.add_argument("--checkpoints", required=True, help="dawn checkpoint directory")
+    parser.add_argument("--output", required=True, help="folder for <id>.mp4 and results.csv/.parquet")
+    parser.add_argument("--hubert", help="HuBERT model folder (default: CHECKPOINTS/hubert)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    parser.add_argument("--eta", type=float, default=1.0,
+                        help="DDIM eta: 1 (default, the reference's stochastic DDIM) to 0 (deterministic)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (local runs only)")
+    parser.add_argument("--features-actors", type=int, default=1, help="image/audio/HuBERT actors")
+    parser.add_argument("--pbnet-actors", type=int, default=1)
+    parser.add_argument("--a2v-actors", type=int, default=1, help="A2V-FDM + LFG decode actors")
+    parser.add_argument("--writer-actors", type=int, default=1, help="mp4 encoding actors")
+    parser.add_argument("--a2v-batch", type=int, default=4, help="rows per A2V-FDM batch (equal lengths share a pass)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per A2V-FDM actor")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor (default: fit all actors)")
+    parser.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+
+
+def run_from_args(args) -> int:
+    """Run the job from parsed `add_arguments` flags, print the counts; exit status 1 when any row failed."""
+    results = run_batch_render(
+        args.manifest, args.checkpoints, args.output, steps=args.steps, hubert=args.hubert,
+        address=args.address, num_cpus=args.num_cpus, features_actors=args.features_actors,
+        pbnet_actors=args.pbnet_actors, a2v_actors=args.a2v_actors, writer_actors=args.writer_actors,
+        a2v_batch=args.a2v_batch, use_gpu=args.use_gpu, dtype=args.dtype,
+        cpus_per_actor=args.cpus_per_actor, show_progress=not args.no_progress, eta=args.eta,
+        sampler=args.sampler)
+    counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped", "failed")}
+    print(f"{counts['done']} rendered, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
+          f"results in {Path(args.output) / 'results.csv'}")
+    return 1 if counts["failed"] else 0
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser("batch-render", help="render a manifest of portrait + speech pairs with Ray Data")
+    add_arguments(parser)
+    parser.set_defaults(func=run_from_args)

@@ -12,6 +12,7 @@ from dawn import DawnError
 COMMAND_MODULES = [
     "dawn.models.summary",  # dawn models
     "dawn.render",  # dawn render, dawn init-checkpoints
+    "dawn.batch_render",  # dawn batch-render
     "dawn.data.synth",  # dawn synth-corpus
     "dawn.serving",  # dawn serve
     "dawn.evaluation",  # dawn evaluate

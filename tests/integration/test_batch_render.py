@@ -100,3 +100,31 @@ def test_manifest_problems_are_reported(tmp_path, astronaut_png, speech_wav):
     (tmp_path / "bad.csv").write_text("name,audio\nx,a.wav\n")
     with pytest.raises(DawnError, match="lacks the column"):
         read_manifest(tmp_path / "bad.csv")
+
+
+def test_dawn_batch_render_command_reports_bad_input(tmp_path, capsys):
+    """`dawn batch-render` takes the job's flags and names the bad input (exit 2) before starting Ray."""
+    import importlib.util
+    from pathlib import Path
+
+    from dawn.cli import build_parser, main
+    from dawn.render import init_checkpoints
+
+    spec = importlib.util.spec_from_file_location("batch_job", Path(__file__).parents[2] / "jobs" / "batch_render.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    argv = ["--manifest", "m.csv", "--checkpoints", "c", "--output", "o", "--a2v-actors", "2", "--eta", "0"]
+    from_cli = vars(build_parser().parse_args(["batch-render", *argv]))
+    assert from_cli.pop("command") == "batch-render" and from_cli.pop("func") is not None
+    assert from_cli == vars(job.build_parser().parse_args(argv))
+
+    output = tmp_path / "renders"
+    assert main(["batch-render", "--manifest", "m.csv", "--checkpoints", str(tmp_path / "none"),
+                 "--output", str(output)]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+    checkpoints = init_checkpoints(tmp_path / "ckpt", preset="tiny", hubert=False)
+    (tmp_path / "bad.csv").write_text("name,audio\nx,a.wav\n")
+    assert main(["batch-render", "--manifest", str(tmp_path / "bad.csv"), "--checkpoints", str(checkpoints),
+                 "--output", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("dawn batch-render: error:") and "bad.csv" in error and "lacks the column" in error
