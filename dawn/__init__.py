@@ -1,6 +1,13 @@
 """dawn: train and serve DAWN talking-head diffusion (Cheng et al.) with Ray, DeepSpeed and MLflow."""
 
+import os
+
 __version__ = "0.1.0"
+
+# A local Ray started without its dashboard (the demo, local training runs) has no State API, so Ray Train's
+# PlacementGroupCleaner logs this warning about once a second for the whole run; it is harmless there (the
+# controller is alive), so the driver skips the line. Ray reads the variable when it is first imported.
+os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "Failed to query Ray Train Controller actor state")
 
 
 class DawnError(Exception):
