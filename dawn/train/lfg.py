@@ -234,9 +234,9 @@ class LFGObjective(Objective):
         return lfg_pairs(rows, self.config.batch_size, rng, per_row=self.config.samples_per_row)
 
     def augment(self, source: torch.Tensor, driving: torch.Tensor, generator: torch.Generator | None = None,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Options.flip_probability / colour_jitter applied to each pair (B, 3, S, S), identically to both; a
-        (B, 1, S, S) mask of the driving frame is flipped with it."""
+        (B, 1, S, S) mask of the driving frame, if given, is flipped with it. Returns (source, driving, mask)."""
         o = self.options
         b = source.shape[0]
         flip = (torch.rand(b, generator=generator) < o.flip_probability).to(source.device).view(b, 1, 1, 1)
@@ -245,9 +245,9 @@ class LFGObjective(Objective):
         def transform(x):
             return (torch.where(flip, x.flip(-1), x) * gain).clamp(0, 1)
 
-        if mask is None:
-            return transform(source), transform(driving)
-        return transform(source), transform(driving), torch.where(flip, mask.flip(-1), mask)
+        if mask is not None:
+            mask = torch.where(flip, mask.flip(-1), mask)
+        return transform(source), transform(driving), mask
 
     def lip_mask(self, batch: dict) -> torch.Tensor | None:
         """(B, 1, S, S) 0/1 mask of the driving frames' lip boxes, when Options.lip_weight asks for it."""
@@ -261,9 +261,7 @@ class LFGObjective(Objective):
     def loss(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         source, driving, lips = batch["source"], batch["driving"], self.lip_mask(batch)
         if self.lfg.training:
-            augmented = self.augment(source, driving, self.noise_generator("cpu"), lips)
-            source, driving = augmented[:2]
-            lips = augmented[2] if lips is not None else None
+            source, driving, lips = self.augment(source, driving, self.noise_generator("cpu"), lips)
         out = self.lfg(source, driving)
         reconstruction = self.reconstruction(out["prediction"], driving)
         shift, affine = self.equivariance(driving, out["driving_regions"])

@@ -145,7 +145,8 @@ def box_mask(boxes: torch.Tensor, size: int) -> torch.Tensor:
     left, right = (x_min * size / w).trunc(), (x_max * size / w + 1).trunc()
     top, bottom = (y_min * size / h).trunc(), (y_max * size / h + 1).trunc()
     idx = torch.arange(size, device=boxes.device, dtype=torch.float64)
-    rows = (idx >= top[:, None]) & (idx <= bottom[:, None])
+    found = ((h > 0) & (w > 0))[:, None]  # all-zero boxes: empty masks
+    rows = (idx >= top[:, None]) & (idx <= bottom[:, None]) & found
     cols = (idx >= left[:, None]) & (idx <= right[:, None])
     return (rows[:, :, None] & cols[:, None, :]).float()
 

@@ -53,7 +53,8 @@ def test_lfg_augmentation_transforms_both_frames_of_a_pair_alike():
     objective.options.flip_probability, objective.options.colour_jitter = 0.5, 0.1
     same = torch.ones(64, 3, 16, 16) * 0.5
     ramp = torch.linspace(0, 1, 16).expand(64, 3, 16, 16)  # flips visibly
-    a, b = objective.augment(same, ramp, torch.Generator().manual_seed(0))
+    a, b, no_mask = objective.augment(same, ramp, torch.Generator().manual_seed(0))
+    assert no_mask is None
     gain = a[:, :, 0, 0] / 0.5  # per pair and channel
     assert (gain - 1).abs().max() <= 0.1 + 1e-6 and gain.std() > 0.02
     flips = ~torch.isclose(b[:, 0, 0, 0], ramp[:, 0, 0, 0] * gain[:, 0])
@@ -224,11 +225,12 @@ def test_a2v_stage2_clips_and_condition_dropout(tiny_lfg_dir):
 
 def test_box_mask_matches_face_mask_rule():
     from dawn.models.unet3d import A2VFDM, A2VConfig
-    from dawn.train.a2v import box_mask
+    from dawn.train.objective import box_mask
 
     boxes = torch.tensor([[10.0, 30.0, 20.0, 50.0, 64.0, 64.0], [0.0, 63.0, 0.0, 63.0, 64.0, 64.0]])
     mask = box_mask(boxes, 16)
     assert mask.shape == (2, 16, 16)
+    assert not box_mask(torch.zeros(3, 6), 16).any()  # frames without a face: empty masks
     assert mask[0].nonzero()[:, 0].tolist()[0] == 5 and mask[0].nonzero()[:, 1].min() == 2  # rows y, cols x
     assert mask[1].all()
     a2v = A2VFDM(A2VConfig.preset("tiny"))
