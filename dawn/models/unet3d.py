@@ -185,14 +185,14 @@ class Workspace:
     tokens, 2-16 MB each), written with out= instead of into new tensors: a new buffer of that size per chunk
     made the product up to 2x slower here (fresh pages, cold cache). One per render (`A2VContext`). Not used
     where out= would change the result or lose something: with gradients, on CUDA, or under autocast (out=
-    products are not autocast)."""
+    products are not autocast). On the meta device (the benchmarks' memory replay) it allocates as on the CPU."""
 
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
         """A (shape) tensor of like's dtype and device for `name`'s next result, or None (allocate as usual)."""
-        if like.is_cuda or torch.is_grad_enabled() or torch.is_autocast_enabled(like.device.type):
+        if like.device.type not in ("cpu", "meta") or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
             return None
         numel = math.prod(shape)
         buffer = self.buffers.get(name)
