@@ -108,7 +108,6 @@ def local_attention(
     bias_fn: BiasFn | None = None,
     block: int | None = None,
     mask_cache: dict | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, h, T, d) over k, v where |key frame - query frame| <= window.
 
@@ -118,16 +117,14 @@ def local_attention(
     scaled_dot_product_attention can use its fused kernels. `bias_fn(rel)` gives the additive
     per-head bias for relative offsets rel = j - i. `mask_cache` (a dict, optional) keeps the block masks
     between calls that share bias_fn, window and dtype (many short sequences: one set of masks).
-    `out` (optional, q's shape, any strides) receives the result: the caller's layout, no copy afterwards.
     """
     t = q.shape[-2]
     block = block or max(window or 0, 16)
     if window is None or t <= block + 2 * window:
         bias = None if bias_fn is None and window is None else full_attention_bias(t, bias_fn, window, q.device, q.dtype)
-        result = F.scaled_dot_product_attention(q, k, v, attn_mask=_as_mask(bias, q))
-        return result if out is None else out.copy_(result)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_as_mask(bias, q))
 
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty_like(q)
     masks = {} if mask_cache is None else mask_cache  # a mask depends on the offsets only: blocks away from
     for start in range(0, t, block):  # both ends share one
         stop = min(start + block, t)

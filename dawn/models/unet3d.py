@@ -180,29 +180,8 @@ def map_chunks(fn, chunks: list[slice], frames: int) -> torch.Tensor:
     return out
 
 
-class Workspace:
-    """Reusable buffers for the large per-chunk intermediates of inference on the CPU (projections of a chunk of
-    tokens, 2-16 MB each), written with out= instead of into new tensors: a new buffer of that size per chunk
-    made the product up to 2x slower here (fresh pages, cold cache). One per render (`A2VContext`). Not used
-    where out= would change the result or lose something: with gradients, on CUDA, or under autocast (out=
-    products are not autocast). On the meta device (the benchmarks' memory replay) it allocates as on the CPU."""
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
-        """A (shape) tensor of like's dtype and device for `name`'s next result, or None (allocate as usual)."""
-        if like.device.type not in ("cpu", "meta") or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
-            return None
-        numel = math.prod(shape)
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
-            buffer = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return buffer[:numel].view(shape)
-
-
-def buffer(workspace: Workspace | None, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
-    return None if workspace is None else workspace.get(name, shape, like)
+def autocast_on(x: torch.Tensor) -> bool:
+    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
 # --- building blocks -------------------------------------------------------------------------------
@@ -268,25 +247,17 @@ class CrossAttentionTerms:
 
     def for_frames(self, frames: slice = slice(None)):
         """Per-frame products for frames: logit_query (B*T', cin, 3*heads) with <q_ah, w_ah> = token @
-        logit_query, block-diagonal Gram matrices (B*T', 3*(heads+1), 3*(heads+1)) and the centred value
-        vectors times the output gain (B*T', 3*(heads+1), cout)."""
+        logit_query, Gram matrices (B*T', 3, heads+1, heads+1) and the centred value vectors times the output
+        gain (B*T', 3*(heads+1), cout)."""
         w, value_diff = self.w[:, frames], self.value_diff[:, frames]
         b, t, _, heads, dh = w.shape
         logit_query = torch.einsum("ahdc,btahd->btcah", self.q_weight.view(3, heads, dh, -1), w)
         values = torch.cat([self.null_out[:, None].expand(b, t, 3, 1, -1),
                             torch.einsum("achd,btahd->btahc", self.out_weight, value_diff)], dim=3)  # V_aj
         centred = values - values.mean(-1, keepdim=True)
-        gram = centred @ centred.transpose(-1, -2) / values.shape[-1]  # (B, T', 3, h+1, h+1)
-        return (logit_query.reshape(b * t, -1, 3 * heads), block_diagonal(gram).reshape(b * t, 3 * (heads + 1), -1),
+        gram = centred @ centred.transpose(-1, -2) / values.shape[-1]
+        return (logit_query.reshape(b * t, -1, 3 * heads), gram.reshape(b * t, 3, heads + 1, heads + 1),
                 (centred * self.gains[:, None, :]).reshape(b * t, 3 * (heads + 1), -1))
-
-
-def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
-    """(..., n, k, k) -> (..., n*k, n*k) with the n blocks on the diagonal."""
-    *batch, n, k, _ = blocks.shape
-    out = blocks.new_zeros(*batch, n, k, n, k)
-    out.diagonal(dim1=-4, dim2=-2).copy_(blocks.movedim(-3, -1))
-    return out.view(*batch, n * k, n * k)
 
 
 class CrossAttention(nn.Module):
@@ -422,23 +393,28 @@ class ResnetBlock(nn.Module):
                                    torch.stack(null_outs), torch.stack(out_weights), gains)
 
     def cross_attention(self, x: torch.Tensor, terms: CrossAttentionTerms, frames: slice = slice(None),
-                        workspace: Workspace | None = None) -> torch.Tensor:
+                        add_to: torch.Tensor | None = None) -> torch.Tensor:
         """Sum of the audio, pose and eye cross-attentions of x (B, C, T', H, W), the given frames of the
-        render -> (B, cout, T', H, W)."""
+        render -> (B, cout, T', H, W); or added in place to `add_to` (channels_last_3d, that shape)."""
         b, c, t, h, w = x.shape
         eps = self.cross_attn_norm_eps
         if eps is None:
             eps = 1e-5 if x.dtype == torch.float32 else 1e-3
-        logit_query, gram, out_vectors = terms.for_frames(frames)  # per frame: (cin, 3h), (3(h+1), 3(h+1)), (3(h+1), cout)
+        logit_query, gram, out_vectors = terms.for_frames(frames)
         tokens = to_tokens(x).reshape(b * t, h * w, c)  # (B*T, HW, cin), unnormalised (see CrossAttentionTerms)
         heads = logit_query.shape[-1] // 3
-        q = torch.matmul(tokens, terms.q_weight.t(), out=buffer(workspace, "cross.q", (b * t, h * w, terms.q_weight.shape[0]), x))
-        q_norm = torch.linalg.vector_norm(q.unflatten(-1, (3 * heads, -1)), dim=-1)
+        q_norm = torch.linalg.vector_norm(F.linear(tokens, terms.q_weight).unflatten(-1, (3 * heads, -1)), dim=-1)
         attn_cond = torch.sigmoid((tokens @ logit_query).div_(q_norm.clamp_min(1e-12)))  # (B*T, HW, 3*h)
         coef = F.pad(attn_cond.unflatten(-1, (3, heads)), (1, 0), value=1.0)  # c_a: (B*T, HW, 3, h+1)
-        variance = ((coef.flatten(-2) @ gram).unflatten(-1, (3, heads + 1)) * coef).sum(-1).clamp_min(0)
-        out = (coef * torch.rsqrt(variance + eps)[..., None]).flatten(-2) @ out_vectors  # (B*T, HW, cout)
-        return from_tokens(out.view(b, t, h, w, -1))
+        variance = (torch.einsum("bnai,baij->bnaj", coef, gram) * coef).sum(-1).clamp_min(0)
+        coef = (coef * torch.rsqrt(variance + eps)[..., None]).flatten(-2)  # (B*T, HW, 3(h+1))
+        if (add_to is not None and b == 1 and add_to.dtype == coef.dtype == out_vectors.dtype
+                and not autocast_on(x)):  # the product accumulated into the destination's tokens
+            dest = to_tokens(add_to).view(t, h * w, -1)
+            torch.baddbmm(dest, coef, out_vectors, out=dest)
+            return add_to
+        out = from_tokens(torch.matmul(coef, out_vectors).view(b, t, h, w, -1))  # (B, cout, T', H, W)
+        return out if add_to is None else add_to.add_(out)
 
     def forward(self, x, time_emb=None, terms: CrossAttentionTerms | None = None) -> torch.Tensor:
         """x (B, cin, T, H, W), time_emb (B, 4*dim) -> (B, cout, T, H, W)."""
@@ -452,8 +428,7 @@ class ResnetBlock(nn.Module):
         return h + per_frame(self.res_conv, x)
 
     @torch.no_grad()
-    def infer(self, inputs: list[torch.Tensor], time_emb=None, terms: CrossAttentionTerms | None = None,
-              workspace: Workspace | None = None):
+    def infer(self, inputs: list[torch.Tensor], time_emb=None, terms: CrossAttentionTerms | None = None):
         """`forward` of the channel concatenation of inputs, chunk by chunk of frames (inference): one new
         (B, cout, T, H, W) activation, written in place through three passes (conv1 | GroupNorm-1 ...
         conv2 | GroupNorm-2 ...), each GroupNorm's statistics taken over the whole clip in between."""
@@ -478,7 +453,7 @@ class ResnetBlock(nn.Module):
             part = h[:, :, s]
             F.silu(part.mul_(a).add_(b), inplace=True)
             if self.conditioned:
-                part += self.cross_attention(concat_frames(inputs, s), terms, s, workspace)
+                self.cross_attention(concat_frames(inputs, s), terms, s, add_to=part)
             y = per_frame(self.block2.proj, part)  # a per-frame conv: only this chunk's frames
             moments.append(self.block2.moments(y))
             part.copy_(y)
@@ -491,16 +466,16 @@ class ResnetBlock(nn.Module):
 
 
 class FrameAttention(nn.Module):
-    """Residual attention within each frame: subclasses define `attend(x, workspace)`, the added term."""
+    """Residual attention within each frame: subclasses define `attend(x)`, the added term."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.attend(x)
 
     @torch.no_grad()
-    def infer_(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+    def infer_(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` in place, chunk by chunk of frames (inference)."""
         for s in frame_chunks(x):
-            x[:, :, s] += self.attend(x[:, :, s], workspace)
+            x[:, :, s] += self.attend(x[:, :, s])
         return x
 
 
@@ -520,19 +495,16 @@ class SpatialLinearAttention(FrameAttention):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
 
-    def attend(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, T, H, W) -> the attention output added to x by the residual connection."""
         b, c, t, h, w = x.shape
         heads, dh, inner = self.heads, self.dim_head, self.heads * self.dim_head
         tokens = self.norm(to_tokens(x).reshape(b * t, h * w, c))
-        q_buffer = buffer(workspace, "spatial.q", (b * t, h * w, inner), x)
-        q = torch.matmul(tokens, self.to_qkv.weight[:inner].t(), out=q_buffer).view(b * t, h * w, heads, dh)
-        q = q.softmax(dim=-1) if q_buffer is None else torch.softmax(q, dim=-1, out=q)
+        q = F.linear(tokens, self.to_qkv.weight[:inner]).view(b * t, h * w, heads, dh).softmax(dim=-1)
         # k and v feature-major, (head, k/v, feature) rows: every head's k and v are contiguous (dh, HW) blocks, so
         # the softmax over positions reads rows and one batched product makes all the heads' contexts
         kv_weight = self.to_qkv.weight[inner:].view(2, heads, dh, c).transpose(0, 1).reshape(2 * inner, c)
-        kv = torch.matmul(kv_weight, tokens.transpose(1, 2), out=buffer(workspace, "spatial.kv", (b * t, 2 * inner, h * w), x))
-        kv = kv.view(b * t * heads, 2, dh, h * w)
+        kv = torch.matmul(kv_weight, tokens.transpose(1, 2)).view(b * t * heads, 2, dh, h * w)
         k, v = kv[:, 0], kv[:, 1]
         k = k.sub_(k.detach().amax(dim=-1, keepdim=True)).exp_()  # the shift does not change the softmax
         context = torch.bmm(k, v.transpose(1, 2)) / k.sum(dim=-1, keepdim=True)  # (B*T*heads, dh, dh)
@@ -557,7 +529,7 @@ class SpatialAttention(FrameAttention):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def attend(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, T, H, W) -> the attention output added to x by the residual connection."""
         b, c, t, h, w = x.shape
         tokens = to_tokens(x).reshape(b * t, h * w, c)
@@ -640,30 +612,23 @@ class TemporalAttention(nn.Module):
         # them under each one), applied through the render's TemporalContext
         self.rotary_emb = RotaryEmbedding(dim_head)
 
-    def attend(self, tokens: torch.Tensor, ctx: TemporalContext, workspace: Workspace | None = None) -> torch.Tensor:
+    def attend(self, tokens: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
         """tokens (T, n, C) of n spatial positions of one sample -> attention output (T, n, C)."""
         t, n, c = tokens.shape
-        inner = self.heads * self.dim_head
-        qkv = torch.matmul(self.norm(tokens), self.to_qkv.weight.t(), out=buffer(workspace, "temporal.qkv", (t, n, 3 * inner), tokens))
-        qkv = qkv.view(t, n, 3, self.heads, self.dim_head)
+        qkv = self.to_qkv(self.norm(tokens)).view(t, n, 3, self.heads, self.dim_head)
         if qkv.dtype == torch.float32 and not torch.is_grad_enabled():
             ctx.rotate_(qkv[:, :, :2])  # RoPE on q and k at once, in the projection's buffer
             q, k, v = qkv.unbind(2)
         else:
             q, k, v = qkv.unbind(2)
             q, k = ctx.rotate(q), ctx.rotate(k)
-        # (T, n, heads, dh) -> (n, heads, T, dh) views: attention reads and writes the frame-major layout as is
+        # (T, n, heads, dh) -> (n, heads, T, dh) views: attention reads the frame-major layout as is
         q, k, v = (y.permute(1, 2, 0, 3) for y in (q, k, v))
         if ctx.reference_mode:
             out = reference_attention(q, k, v, full_attention_bias(t, ctx.bias, ctx.window, q.device, q.dtype))
-            out = out.permute(2, 0, 1, 3)
-        elif torch.is_grad_enabled():
-            out = local_attention(q, k, v, ctx.window, ctx.bias, TEMPORAL_QUERY_BLOCK, ctx.masks).permute(2, 0, 1, 3)
         else:
-            out = buffer(workspace, "temporal.out", (t, n, self.heads, self.dim_head), q)
-            out = q.new_empty(t, n, self.heads, self.dim_head) if out is None else out
-            local_attention(q, k, v, ctx.window, ctx.bias, TEMPORAL_QUERY_BLOCK, ctx.masks, out=out.permute(1, 2, 0, 3))
-        return self.to_out(out.reshape(t, n, -1))
+            out = local_attention(q, k, v, ctx.window, ctx.bias, TEMPORAL_QUERY_BLOCK, ctx.masks)
+        return self.to_out(out.permute(2, 0, 1, 3).reshape(t, n, -1))
 
     def position_chunks(self, x: torch.Tensor, ctx: TemporalContext) -> list[tuple[int, slice]]:
         """(sample, slice of the H*W positions) pieces of x (B, C, T, H, W) that are attended at once."""
@@ -681,12 +646,12 @@ class TemporalAttention(nn.Module):
         return x + from_tokens(out.view(b, t, h, w, c))
 
     @torch.no_grad()
-    def infer_(self, x: torch.Tensor, ctx: TemporalContext, workspace: Workspace | None = None) -> torch.Tensor:
+    def infer_(self, x: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
         """`forward` in place (inference): a position's output only reads that position's frames."""
         b, c, t, h, w = x.shape
         tokens = to_tokens(x).view(b, t, h * w, c)  # x is channels_last_3d: a view
         for i, positions in self.position_chunks(x, ctx):
-            tokens[i, :, positions] += self.attend(tokens[i, :, positions], ctx, workspace)
+            tokens[i, :, positions] += self.attend(tokens[i, :, positions], ctx)
         return x
 
 
@@ -709,14 +674,13 @@ class Level(nn.Module):
         return x, per_frame(self.resample, x)
 
     @torch.no_grad()
-    def infer(self, inputs: list[torch.Tensor], time_emb, terms, temporal: TemporalContext,
-              workspace: Workspace | None = None):
+    def infer(self, inputs: list[torch.Tensor], time_emb, terms, temporal: TemporalContext):
         """`forward` of the channel concatenation of inputs (inference, chunked). Empties `inputs` once
         they are read, so that the caller's list holds no reference to them."""
-        x = self.res1.infer(inputs, time_emb, terms[0], workspace)
+        x = self.res1.infer(inputs, time_emb, terms[0])
         inputs.clear()
-        x = self.res2.infer([x], time_emb, terms[1], workspace)
-        self.temporal_attn.infer_(self.spatial_attn.infer_(x, workspace), temporal, workspace)
+        x = self.res2.infer([x], time_emb, terms[1])
+        self.temporal_attn.infer_(self.spatial_attn.infer_(x), temporal)
         if isinstance(self.resample, nn.Identity):
             return x, x
         return x, map_chunks(lambda s: per_frame(self.resample, x[:, :, s]), frame_chunks(x), x.shape[2])
@@ -748,7 +712,6 @@ class A2VContext:
     mid: tuple[CrossAttentionTerms, CrossAttentionTerms]
     ups: list[tuple[CrossAttentionTerms, CrossAttentionTerms]]
     temporal: TemporalContext
-    workspace: Workspace = field(default_factory=Workspace)
 
     @property
     def frames(self) -> int:
@@ -840,20 +803,20 @@ class UNet3D(nn.Module):
             return map_chunks(lambda s: per_frame(lambda f: F.conv2d(f, w, padding=self.init_conv.padding),
                                                   x_t[:, :, s]) + ctx.source_init, frame_chunks(x_t, c.dim), x_t.shape[2])
 
-        x = self.init_temporal_attn.infer_(input_conv(), ctx.temporal, ctx.workspace)
+        x = self.init_temporal_attn.infer_(input_conv(), ctx.temporal)
         time_emb = self.time_mlp(t)
 
         skips = []
         for level, terms in zip(self.downs, ctx.downs):
-            skip, x = level.infer([x], time_emb, terms, ctx.temporal, ctx.workspace)
+            skip, x = level.infer([x], time_emb, terms, ctx.temporal)
             skips.append(skip)
-        x = self.mid_block1.infer([x], time_emb, ctx.mid[0], ctx.workspace)
-        self.mid_temporal_attn.infer_(self.mid_spatial_attn.infer_(x), ctx.temporal, ctx.workspace)
-        x = self.mid_block2.infer([x], time_emb, ctx.mid[1], ctx.workspace)
+        x = self.mid_block1.infer([x], time_emb, ctx.mid[0])
+        self.mid_temporal_attn.infer_(self.mid_spatial_attn.infer_(x), ctx.temporal)
+        x = self.mid_block2.infer([x], time_emb, ctx.mid[1])
         for level, terms in zip(self.ups, ctx.ups):
             inputs = [x, skips.pop()]
             del x  # `level` frees the inputs once read
-            _, x = level.infer(inputs, time_emb, terms, ctx.temporal, ctx.workspace)
+            _, x = level.infer(inputs, time_emb, terms, ctx.temporal)
 
         inputs = [x, input_conv()]  # r made again (one 3-channel conv) rather than held through the U-Net
         del x
