@@ -180,16 +180,17 @@ def test_offset_motion_target_is_the_scaled_displacement_and_round_trips():
         A2VConfig(motion_target="flow")
 
 
-def test_chunked_inference_equals_plain_forward(monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1: cross-attention accumulates into the activation in place
+def test_chunked_inference_equals_plain_forward(monkeypatch, batch):
     """Inference (no gradients) in chunks of 3 frames, in place, with GroupNorm statistics over the whole
     clip, equals the plain forward that training runs."""
     model = random_model(window=4)
-    x_t, t, features, cond = random_inputs(model.config, batch=2, frames=11)
+    x_t, t, features, cond = random_inputs(model.config, batch=batch, frames=11)
     plain = model(x_t, t, features, cond)  # gradients on: the plain path
     assert plain.requires_grad
     monkeypatch.setattr(unet3d, "FRAME_CHUNK_ELEMENTS", 3 * 16 * 8 * 8)  # 3 frames per chunk at the top level
     monkeypatch.setattr(unet3d, "TEMPORAL_TOKENS_PER_CHUNK", 11 * 24)  # 24 of 64 positions at a time
-    assert len(unet3d.frame_chunks(torch.empty(2, 16, 11, 8, 8))) == 4
+    assert len(unet3d.frame_chunks(torch.empty(batch, 16, 11, 8, 8))) == 4
     with torch.no_grad():
         chunked = model(x_t, t, features, cond)
     assert (chunked - plain).abs().max() < 1e-5 * plain.abs().max()
