@@ -284,9 +284,9 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, dim_out, bias=False), GainLayerNorm(dim_out))
 
     def prepare(self, context: torch.Tensor):
-        """context (B, T, context_dim) -> q_weight (h*dh, cin) of the centred input (the norm's gain folded in),
-        w (B, T, h, dh), value - null value
-        (B, T, h, dh), to_out of the null value (cout,), to_out weight (cout, h, dh)."""
+        """context (B, T, context_dim) -> q_weight (h*dh, cin) (the input norm's gain and centring folded in),
+        w (B, T, h, dh), value - null value (B, T, h, dh), to_out of the null value (cout,), to_out weight
+        (cout, h, dh)."""
         b, t, _ = context.shape
         k, v = self.to_kv(context).view(b, t, 2, self.heads, self.dim_head).unbind(2)
         null_k, null_v = self.null_kv.unbind(0)
@@ -397,7 +397,7 @@ class ResnetBlock(nn.Module):
         """Sum of the audio, pose and eye cross-attentions of x (B, C, T', H, W), the given frames of the
         render -> (B, cout, T', H, W); or added in place to `add_to` (channels_last_3d, that shape)."""
         b, c, t, h, w = x.shape
-        eps = self.cross_attn_norm_eps
+        eps = self.cross_attn_norm_eps  # of the output norm (the input norm folds into the weights)
         if eps is None:
             eps = 1e-5 if x.dtype == torch.float32 else 1e-3
         logit_query, gram, out_vectors = terms.for_frames(frames)
