@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dawn.models import native
 from dawn.models.attention import RelativePositionBias, RotaryEmbedding, full_attention_bias, local_attention
 from dawn.models.diffusion import PREDICTIONS, CosineSchedule, eps_denoiser
 from dawn.models.lfg import coordinate_grid
@@ -560,6 +561,7 @@ class TemporalContext:
     window: int | None
     reference_mode: bool
     masks: dict = field(default_factory=dict)  # local_attention's block masks, made once per render
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # the native kernel's RoPE tables, made on first use
 
     @classmethod
     def build(cls, rotary_emb: RotaryEmbedding, bias: RelativePositionBias, frames: int, window, reference_mode,
@@ -584,6 +586,13 @@ class TemporalContext:
     @property
     def frames(self) -> int:
         return self.rotation.shape[0]
+
+    def rope_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the RoPE angles, each (T, dh/2) contiguous (the native kernel's input), made once."""
+        if self.cos_sin is None:
+            pairs = self.rotation.reshape(self.frames, -1)
+            self.cos_sin = (pairs.real.contiguous(), pairs.imag.contiguous())
+        return self.cos_sin
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -615,7 +624,12 @@ class TemporalAttention(nn.Module):
     def attend(self, tokens: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
         """tokens (T, n, C) of n spatial positions of one sample -> attention output (T, n, C)."""
         t, n, c = tokens.shape
-        qkv = self.to_qkv(self.norm(tokens)).view(t, n, 3, self.heads, self.dim_head)
+        qkv = self.to_qkv(self.norm(tokens))
+        if not ctx.reference_mode and native.banded_attention_supported(qkv, self.dim_head, ctx.window):
+            # inference on CPU in float32: RoPE, window and softmax in one native pass (dawn/models/native.py)
+            cos, sin = ctx.rope_cos_sin()
+            return self.to_out(native.banded_attention(qkv, self.heads, cos, sin, ctx.bias.table, ctx.window))
+        qkv = qkv.view(t, n, 3, self.heads, self.dim_head)
         if qkv.dtype == torch.float32 and not torch.is_grad_enabled():
             ctx.rotate_(qkv[:, :, :2])  # RoPE on q and k at once, in the projection's buffer
             q, k, v = qkv.unbind(2)
