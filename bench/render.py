@@ -50,6 +50,7 @@ from torch.utils._pytree import tree_leaves
 
 from dawn.pipeline import DTYPES, Motion, Portrait, RenderOptions, RenderPipeline, decode_batch_size
 from dawn.models.diffusion import ddim_sample, ddim_timesteps, dpm_solver_sample
+from dawn.models import native
 from reference_unet import reference_forward  # bench/reference_unet.py (scripts here import by name)
 
 GIB = 2**30
@@ -365,10 +366,12 @@ def run_worker(job: dict) -> dict:
     options = RenderOptions(steps=job["steps"], sampler=job["sampler"], seed=job["seed"])
     ours = job["variant"] == "ours"
     lfg, a2v = build_models(job["preset"], job["weights_seed"], device=job["device"])
+    native_ok, native_s, _ = timed(native.load, device)  # a RenderPipeline loads it; timed here on its own
     pipeline = RenderPipeline(lfg=lfg, a2v=a2v, device=job["device"], dtype=job["dtype"]).use_channels_last()
     portrait, hubert, motion = make_inputs(lfg.config.image_size, job["frames"], seed=job["seed"])
     matmul = [matmul_gflops(device, DTYPES[job["dtype"]])]
     result = {"loaded_bytes": _status_kib("VmRSS") * 1024 if device.type == "cpu" else torch.cuda.memory_allocated()}
+    result["native"] = {"loaded": native_ok and device.type == "cpu", "seconds": native_s}
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = job.get("cudnn_benchmark", False)
@@ -492,6 +495,11 @@ def compare(args) -> None:
                   f"{per}, before and after its render: " + "; ".join(
                       f"{v} " + ", ".join(f"{g:.0f}" for g in r["matmul_gflops"])
                       for v, r in results.items() if "skipped" not in r))
+            if ours.get("native", {}).get("loaded"):
+                print(f"ours: native temporal attention (dawn/models/native.py) loaded before the render in "
+                      f"{ours['native']['seconds']:.1f} s (a build, or the cached library)")
+            elif args.device == "cpu":
+                print("ours: native temporal attention unavailable (PyTorch's attention used)")
             baseline = results.get("reference way")
             if baseline and "skipped" not in baseline:
                 ratio = {k: baseline["total"][k] / ours["total"][k] for k in ("wall", "cpu")}

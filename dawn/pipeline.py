@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dawn import DawnError
+from dawn.models import native
 
 Progress = Callable[[int, int], None]
 
@@ -111,6 +112,8 @@ class RenderPipeline:
         self.hubert = hubert
         if lfg is not None and a2v is not None:
             _check_compatible(lfg, a2v)
+        if a2v is not None and self.device.type == "cpu":
+            native.load()  # the native temporal attention: built here (seconds, once per machine), not mid-render
 
     # ---- loading ---------------------------------------------------------------------------------
     def use_channels_last(self) -> "RenderPipeline":

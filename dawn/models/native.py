@@ -92,6 +92,12 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+def load() -> bool:
+    """Build (first time on this machine type) and load the kernels now rather than at the first render step;
+    False where they are unavailable (disabled, or no compiler: the warning says why)."""
+    return enabled() and _library() is not None
+
+
 def banded_attention_supported(qkv: torch.Tensor, dim_head: int, window: int | None) -> bool:
     """Whether `banded_attention` takes this call (else the caller uses PyTorch's attention)."""
     return (enabled() and window is not None and 0 <= window <= MAX_WINDOW and dim_head in HEAD_DIMS
