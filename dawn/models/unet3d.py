@@ -52,6 +52,10 @@ TEMPORAL_QUERY_BLOCK = 32
 # a 64-channel 32x32 level, 2 MB in float32): a chunk's intermediates stay in cache between the pointwise ops
 # (norms, SiLU, cross-attention terms, projections); a U-Net step is ~15% faster than with 32 MB chunks.
 FRAME_CHUNK_ELEMENTS = 2**19
+# 3x3 convolutions of frames of at most this many pixels (the 4x4 level) run as one matrix product over the
+# unfolded patches on CPU: oneDNN's direct convolution spends much of a 4x4 frame on its borders (~110 GFLOP/s
+# against ~150 for the product, 512 channels).
+SMALL_FRAME_PIXELS = 16
 # On a GPU the chunks only bound memory (kernel launches, not a cache, set the pace there): both limits above are
 # this many times larger for CUDA tensors (a 200-frame hdtf128 render then runs each layer in one piece).
 CUDA_CHUNK_SCALE = 2**8
@@ -148,8 +152,28 @@ def per_frame(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a 2D layer to every frame of x (B, C, T, H, W): a (1, k, k) 3D convolution."""
     b, c, t, h, w = x.shape
     frames = to_tokens(x).reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # channels_last (B*T, C, H, W)
-    y = layer(frames)
+    y = conv3x3_as_matmul(layer, frames) if unfolds_to_matmul(layer, frames) else layer(frames)
     return y.view(b, t, *y.shape[1:]).transpose(1, 2)
+
+
+def unfolds_to_matmul(layer: nn.Module, frames: torch.Tensor) -> bool:
+    """Whether `conv3x3_as_matmul` takes this call: a 3x3, stride 1, padding 1 convolution of frames of at most
+    SMALL_FRAME_PIXELS pixels, float32 inference on CPU."""
+    return (isinstance(layer, nn.Conv2d) and layer.kernel_size == (3, 3) and layer.stride == (1, 1)
+            and layer.padding == (1, 1) and layer.dilation == (1, 1) and layer.groups == 1
+            and frames.shape[-2] * frames.shape[-1] <= SMALL_FRAME_PIXELS and frames.device.type == "cpu"
+            and frames.dtype == torch.float32 and not torch.is_grad_enabled() and not autocast_on(frames))
+
+
+def conv3x3_as_matmul(conv: nn.Conv2d, frames: torch.Tensor) -> torch.Tensor:
+    """conv(frames) for frames (N, C, H, W) as one matrix product: the 9 shifted copies of the zero-padded
+    frames side by side (N*H*W, 9*C) times the weight (9*C, Cout). Output channels_last, as the convolution's."""
+    n, c, h, w = frames.shape
+    padded = F.pad(frames.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (N, H+2, W+2, C)
+    patches = torch.stack([padded[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], dim=3)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 9 * c)  # a view when channels_last
+    out = F.linear(patches.view(n * h * w, 9 * c), weight, conv.bias)
+    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 def frame_chunks(x: torch.Tensor, channels: int | None = None) -> list[slice]:

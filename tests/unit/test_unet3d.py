@@ -333,3 +333,23 @@ def test_group_moments_of_a_channels_last_chunk_equal_the_native_group_norm_stat
     ours_mean, ours_var = group_moments(h, 8)
     torch.testing.assert_close(ours_mean, mean, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours_var, var, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,bias,channels_last_weight", [(4, True, True), (3, False, False), (2, True, False)])
+def test_small_frame_convolution_as_matmul_equals_the_convolution(monkeypatch, size, bias, channels_last_weight):
+    """3x3 convolutions of 4x4 (or smaller) frames run as one product over unfolded patches at inference."""
+    conv = torch.nn.Conv2d(24, 40, 3, padding=1, bias=bias)
+    if channels_last_weight:
+        conv.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 24, 5, size, size).contiguous(memory_format=torch.channels_last_3d)
+    calls = []
+    as_matmul = unet3d.conv3x3_as_matmul
+    monkeypatch.setattr(unet3d, "conv3x3_as_matmul", lambda *a: calls.append(1) or as_matmul(*a))
+    with torch.no_grad():
+        ours = unet3d.per_frame(conv, x)
+    assert calls and ours.is_contiguous(memory_format=torch.channels_last_3d)
+    expected = F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, padding=(0, 1, 1))
+    assert (ours - expected).abs().max() < 1e-5
+    calls.clear()
+    unet3d.per_frame(conv, x)  # with gradients: the convolution itself
+    assert not calls
