@@ -1,15 +1,18 @@
 """Native CPU kernels (dawn/models/kernels/*.cpp), compiled on first use with the machine's C++ compiler.
 
-One kernel today: `banded_attention`, the U-Net's local temporal attention for float32 inference on CPU
-(RoPE + scores + window mask + relative bias + softmax + values, per position and head, in cache). PyTorch has
-no CPU attention kernel that is fast for 32-wide heads; this one runs the temporal attention ~3x faster than
-`scaled_dot_product_attention` on the same blocks (bench/RESULTS.md).
+Two kernels, both for float32 inference on CPU, where PyTorch spends most of the time in small passes:
+- `banded_attention`: the U-Net's local temporal attention (RoPE + scores + window mask + relative bias +
+  softmax + values, per position and head, in cache). PyTorch has no CPU attention kernel that is fast for
+  32-wide heads; this one runs the temporal attention ~2.5x faster than `scaled_dot_product_attention` on the
+  same blocks.
+- `cross_attention_coefficients`: the per-token coefficients of the blocks' condition cross-attention (query
+  norms, sigmoid, the output norm's variance), one pass instead of ten.
 
-The library is built once per machine type with `c++ -O3 -march=native -fopenmp` (~2 s) into
-$DAWN_KERNEL_CACHE (default ~/.cache/dawn/kernels), named by a hash of the source, the compiler and the CPU's
+The library is built once per machine type with `c++ -O3 -march=native -fopenmp` (seconds) into
+$DAWN_KERNEL_CACHE (default ~/.cache/dawn/kernels), named by a hash of the sources, the compiler and the CPU's
 feature flags, so a shared home directory across different CPUs never runs code built for another one. Without
-a compiler, or with DAWN_NATIVE_KERNELS=0, `banded_attention` returns None and callers use the PyTorch
-formulation (same result within float32 rounding).
+a compiler, or with DAWN_NATIVE_KERNELS=0, the `*_supported` checks say no and callers use the PyTorch
+formulation (same results within float32 rounding).
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "banded_attention.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "banded_attention.cpp", KERNELS / "cross_attention.cpp")
+HEADERS = (KERNELS / "vector_math.h",)
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 HEAD_DIMS = (16, 32, 64)
 MAX_WINDOW = 54  # the kernel's tiles hold up to 7 vectors of 16 keys: 4 queries + 2 * window keys
 
@@ -54,24 +59,26 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(source: Path = SOURCE) -> Path:
-    """Compile `source` into the cache (if not there yet) and return the shared library's path. Raises
+def build(sources: tuple[Path, ...] = SOURCES, name: str = "dawn_kernels") -> Path:
+    """Compile `sources` into one shared library in the cache (if not there yet) and return its path. Raises
     RuntimeError with the compiler's message when it cannot be built."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, " ".join(FLAGS), _cpu_flags()])
-                         .encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
+    texts = [p.read_text() for p in (*sources, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, compiler, version, " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()
+    target = cache_dir() / f"{name}-{key[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # atomic: concurrent builds race harmlessly
         partial = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(partial)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", str(partial)], capture_output=True,
+                                text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {source.name} failed:\n{result.stderr[-2000:]}")
+            names = ", ".join(p.name for p in sources)
+            raise RuntimeError(f"compiling {names} failed:\n{result.stderr[-2000:]}")
         os.replace(partial, target)
     return target
 
@@ -83,12 +90,15 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as err:
-        log.warning("native temporal attention unavailable, using PyTorch's: %s", err)
+        log.warning("native CPU kernels unavailable, using PyTorch's formulations: %s", err)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dawn_banded_attention.restype = ctypes.c_int
     lib.dawn_banded_attention.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ctypes.c_float,
                                           ptr, i64, i64, ctypes.c_int]
+    lib.dawn_cross_attention_coefficients.restype = ctypes.c_int
+    lib.dawn_cross_attention_coefficients.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float, ptr,
+                                                      ctypes.c_int]
     return lib
 
 
@@ -130,3 +140,33 @@ def banded_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torc
     if status != 0:
         raise ValueError(f"banded_attention: head dim {dh} / window {window} not supported by the kernel")
     return out
+
+
+def cross_attention_supported(q: torch.Tensor, heads: int, dim_head: int) -> bool:
+    """Whether `cross_attention_coefficients` takes this call (8 heads of 8 features: the released models')."""
+    return (enabled() and heads == 8 and dim_head == 8 and q.device.type == "cpu" and q.dtype == torch.float32
+            and not q.requires_grad and _library() is not None)
+
+
+def cross_attention_coefficients(q: torch.Tensor, logits: torch.Tensor, gram: torch.Tensor, eps: float) -> torch.Tensor:
+    """The condition cross-attention's per-token coefficients (see unet3d.CrossAttentionTerms).
+
+    q (F, N, 3 * heads * dh): the N tokens' queries of F frames; logits (F, N, 3 * heads): <q_ah, w_ah>; gram
+    (F, 3, heads + 1, heads + 1). Returns coef (F, N, 3 * (heads + 1)): for attention a, c_a = (1, s_a1..s_aH)
+    with s_ah = sigmoid(logit_ah / max(|q_ah|, 1e-12)), divided by sqrt(max(c_a' G_a c_a, 0) + eps). Call only
+    where `cross_attention_supported`.
+    """
+    frames, tokens, _ = q.shape
+    heads = logits.shape[-1] // 3
+    dh = q.shape[-1] // (3 * heads)
+    q, logits, gram = (x.detach().to(torch.float32).contiguous() for x in (q, logits, gram))
+    if logits.shape != (frames, tokens, 3 * heads) or gram.shape != (frames, 3, heads + 1, heads + 1):
+        raise ValueError(f"cross_attention_coefficients: logits {tuple(logits.shape)} / gram {tuple(gram.shape)} "
+                         f"do not match q {tuple(q.shape)}")
+    coef = torch.empty(frames, tokens, 3 * (heads + 1), dtype=torch.float32)
+    status = _library().dawn_cross_attention_coefficients(
+        q.data_ptr(), logits.data_ptr(), gram.data_ptr(), frames, tokens, heads, dh, eps, coef.data_ptr(),
+        torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"cross_attention_coefficients: {heads} heads of {dh} not supported by the kernel")
+    return coef

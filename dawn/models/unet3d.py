@@ -428,11 +428,16 @@ class ResnetBlock(nn.Module):
         logit_query, gram, out_vectors = terms.for_frames(frames)
         tokens = to_tokens(x).reshape(b * t, h * w, c)  # (B*T, HW, cin), unnormalised (see CrossAttentionTerms)
         heads = logit_query.shape[-1] // 3
-        q_norm = torch.linalg.vector_norm(F.linear(tokens, terms.q_weight).unflatten(-1, (3 * heads, -1)), dim=-1)
-        attn_cond = torch.sigmoid((tokens @ logit_query).div_(q_norm.clamp_min(1e-12)))  # (B*T, HW, 3*h)
-        coef = F.pad(attn_cond.unflatten(-1, (3, heads)), (1, 0), value=1.0)  # c_a: (B*T, HW, 3, h+1)
-        variance = (torch.einsum("bnai,baij->bnaj", coef, gram) * coef).sum(-1).clamp_min(0)
-        coef = (coef * torch.rsqrt(variance + eps)[..., None]).flatten(-2)  # (B*T, HW, 3(h+1))
+        q = F.linear(tokens, terms.q_weight)  # (B*T, HW, 3*h*dh)
+        logits = tokens @ logit_query  # (B*T, HW, 3*h)
+        if native.cross_attention_supported(q, heads, q.shape[-1] // (3 * heads)):
+            coef = native.cross_attention_coefficients(q, logits, gram, eps)  # the lines below, in one pass
+        else:
+            q_norm = torch.linalg.vector_norm(q.unflatten(-1, (3 * heads, -1)), dim=-1)
+            attn_cond = torch.sigmoid(logits.div_(q_norm.clamp_min(1e-12)))  # (B*T, HW, 3*h)
+            coef = F.pad(attn_cond.unflatten(-1, (3, heads)), (1, 0), value=1.0)  # c_a: (B*T, HW, 3, h+1)
+            variance = (torch.einsum("bnai,baij->bnaj", coef, gram) * coef).sum(-1).clamp_min(0)
+            coef = (coef * torch.rsqrt(variance + eps)[..., None]).flatten(-2)  # (B*T, HW, 3(h+1))
         if (add_to is not None and b == 1 and add_to.dtype == coef.dtype == out_vectors.dtype
                 and not autocast_on(x)):  # the product accumulated into the destination's tokens
             dest = to_tokens(add_to).view(t, h * w, -1)

@@ -99,8 +99,44 @@ def test_build_is_cached_and_reports_compiler_errors(tmp_path, monkeypatch):
     broken = tmp_path / "broken.cpp"
     broken.write_text("int f( {")
     with pytest.raises(RuntimeError, match="compiling broken.cpp failed"):
-        native.build(broken)
+        native.build((broken,))
     assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler'"):
         native.build()
+
+
+@pytest.mark.parametrize("frames,tokens", [(3, 37), (2, 16), (1, 5)])
+def test_cross_attention_coefficients_equal_the_torch_formulation(monkeypatch, frames, tokens):
+    """The block's cross-attention (all of it: q, logits, coefficients, output) with and without the kernel."""
+    config = unet3d.A2VConfig.preset("tiny")
+    torch.manual_seed(frames)
+    block = unet3d.ResnetBlock(config, 24, 32).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    side = int(tokens**0.5) or 1
+    x = torch.randn(1, 24, frames, side, tokens // side)  # tokens not a multiple of the kernel's 16 lanes
+    with torch.no_grad():
+        terms = block.prepare(torch.randn(1, frames, config.cond_dim))
+        q = torch.randn(frames, tokens, 3 * 8 * 8)
+        assert native.cross_attention_supported(q, 8, 8)
+        assert not native.cross_attention_supported(q, 8, 16) and not native.cross_attention_supported(q, 4, 8)
+        with_kernel = block.cross_attention(x, terms)
+        monkeypatch.setenv("DAWN_NATIVE_KERNELS", "0")
+        without = block.cross_attention(x, terms)
+    assert (with_kernel - without).abs().max() < 1e-5 * without.abs().max().clamp_min(1)
+
+
+def test_cross_attention_coefficients_of_extreme_logits_are_finite():
+    """Saturated sigmoids (logits of +-1e4 over unit norms) and zero queries give finite coefficients."""
+    q = torch.zeros(1, 4, 192)
+    q[0, :2] = torch.randn(2, 192)
+    logits = torch.tensor([[1e4] * 24, [-1e4] * 24, [0.0] * 24, [5.0] * 24])[None]
+    gram = torch.eye(9).expand(1, 3, 9, 9).contiguous()
+    with torch.no_grad():
+        coef = native.cross_attention_coefficients(q, logits, gram, 1e-5)
+    assert torch.isfinite(coef).all()
+    s = coef.view(4, 3, 9)
+    # with G = I the coefficients are c_a / |c_a|: c_a = (1, 1, ..., 1) for +1e4, (1, 0, ..., 0) for -1e4
+    assert torch.allclose(s[0], torch.full((3, 9), 1 / 3.0), atol=1e-5)
+    assert torch.allclose(s[1, :, 0], torch.ones(3), atol=1e-5) and s[1, :, 1:].abs().max() < 1e-6
