@@ -496,10 +496,11 @@ def compare(args) -> None:
                       f"{v} " + ", ".join(f"{g:.0f}" for g in r["matmul_gflops"])
                       for v, r in results.items() if "skipped" not in r))
             if ours.get("native", {}).get("loaded"):
-                print(f"ours: native temporal attention (dawn/models/native.py) loaded before the render in "
-                      f"{ours['native']['seconds']:.1f} s (a build, or the cached library)")
+                print(f"ours: native CPU kernels (dawn/models/native.py: temporal attention, cross-attention "
+                      f"coefficients) loaded before the render in {ours['native']['seconds']:.1f} s (a build, or "
+                      f"the cached library)")
             elif args.device == "cpu":
-                print("ours: native temporal attention unavailable (PyTorch's attention used)")
+                print("ours: native CPU kernels unavailable (PyTorch's formulations used)")
             baseline = results.get("reference way")
             if baseline and "skipped" not in baseline:
                 ratio = {k: baseline["total"][k] / ours["total"][k] for k in ("wall", "cpu")}

@@ -113,7 +113,7 @@ class RenderPipeline:
         if lfg is not None and a2v is not None:
             _check_compatible(lfg, a2v)
         if a2v is not None and self.device.type == "cpu":
-            native.load()  # the native temporal attention: built here (seconds, once per machine), not mid-render
+            native.load()  # the native CPU kernels: built here (seconds, once per machine), not mid-render
 
     # ---- loading ---------------------------------------------------------------------------------
     def use_channels_last(self) -> "RenderPipeline":
