@@ -85,8 +85,8 @@ def build(sources: tuple[Path, ...] = SOURCES, name: str = "dawn_kernels") -> Pa
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if not enabled():
-        return None
+    """The loaded kernels, or None (after one warning) where they cannot be built. Callers check `enabled()`
+    first, so DAWN_NATIVE_KERNELS can be changed while a process runs."""
     try:
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as err:

@@ -140,3 +140,24 @@ def test_cross_attention_coefficients_of_extreme_logits_are_finite():
     # with G = I the coefficients are c_a / |c_a|: c_a = (1, 1, ..., 1) for +1e4, (1, 0, ..., 0) for -1e4
     assert torch.allclose(s[0], torch.full((3, 9), 1 / 3.0), atol=1e-5)
     assert torch.allclose(s[1, :, 0], torch.ones(3), atol=1e-5) and s[1, :, 1:].abs().max() < 1e-6
+
+
+def test_without_a_compiler_the_unet_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DAWN_KERNEL_CACHE", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    native._library.cache_clear()
+    try:
+        qkv = torch.randn(20, 2, 3 * 8 * 32)
+        with caplog.at_level("WARNING", logger="dawn.models.native"):
+            assert not native.load()
+            assert not native.banded_attention_supported(qkv, 32, 40)
+        assert "no C++ compiler 'no-such-compiler'" in caplog.text
+        model = unet3d.A2VFDM(unet3d.A2VConfig.preset("tiny")).eval()
+        c = model.config
+        with torch.no_grad():
+            eps = model(torch.randn(1, 3, 6, c.latent_size, c.latent_size), torch.tensor([10]),
+                        torch.randn(1, c.source_channels + c.face_channels, c.latent_size, c.latent_size),
+                        torch.randn(1, 6, c.cond_dim))
+        assert torch.isfinite(eps).all()
+    finally:
+        native._library.cache_clear()  # the next caller loads the real library again
