@@ -45,6 +45,10 @@ TEMPORAL_TOKENS_PER_CHUNK = 2**11
 # ... but at least this many positions per chunk: long clips would otherwise make many single-position attention
 # calls (1600 frames: 1 position per chunk), and time would grow faster than the length.
 MIN_TEMPORAL_POSITIONS = 8
+# The native kernel (dawn/models/native.py) has no per-call cost worth amortising: there the q/k/v of a chunk
+# should stay small instead. At 1600 frames, 2 positions per chunk (10 MB of q/k/v) ran a 32x32 layer in 4.3 s
+# against 7.4 s with 8 (39 MB): time per frame as at 200 frames.
+NATIVE_MIN_TEMPORAL_POSITIONS = 2
 # Local temporal attention takes queries in blocks of this many frames: the CPU flash-attention kernel splits
 # queries in blocks of 32, so 40-frame blocks (the window) ran as 32 + 8 (32: ~8% faster, 7% fewer key reads).
 TEMPORAL_QUERY_BLOCK = 32
@@ -677,7 +681,9 @@ class TemporalAttention(nn.Module):
         """(sample, slice of the H*W positions) pieces of x (B, C, T, H, W) that are attended at once."""
         b, _, t, h, w = x.shape
         tokens = TEMPORAL_TOKENS_PER_CHUNK * chunk_scale(x)
-        step = h * w if ctx.reference_mode else max(MIN_TEMPORAL_POSITIONS, tokens // t)
+        native_kernel = not autocast_on(x) and native.banded_attention_supported(x, self.dim_head, ctx.window)
+        minimum = NATIVE_MIN_TEMPORAL_POSITIONS if native_kernel else MIN_TEMPORAL_POSITIONS
+        step = h * w if ctx.reference_mode else max(minimum, tokens // t)
         return [(i, slice(start, start + step)) for i in range(b) for start in range(0, h * w, step)]
 
     def forward(self, x: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
