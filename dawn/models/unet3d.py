@@ -20,6 +20,11 @@ Built for long renders (200+ frames, 20 DDIM steps) on CPUs:
   the clip. Training (gradients on) uses the plain `forward` methods; both compute the same function.
 - Cross-attention to the two keys [null, this frame's condition] is the closed form of a 2-way
   softmax: attn(cond) = sigmoid(logit_cond - logit_null).
+- On CPU in float32 inference, three parts run where PyTorch is slow for these shapes:
+  - the temporal attention (32-wide heads) and the cross-attention's per-token terms in native kernels
+    (`dawn.models.native`);
+  - the 4x4 level's 3x3 convolutions as one matrix product (`conv3x3_as_matmul`).
+  The PyTorch path remains for training, CUDA, bf16, and machines without a C++ compiler.
 
 State-dict tensors are the reference's under shorter module names; `dawn.adapters.a2v` maps them.
 """
