@@ -6,8 +6,8 @@ One temporal-attention layer of the hdtf128 U-Net at level 0 (64 channels, 8 hea
 bias, inference window 40), on (1, 64, T, P) features: P spatial positions (the real layer has 32 x 32 =
 1024; fewer keep the T^2 baselines within this machine's memory; every method's cost is linear in P).
 Methods, all computing the same function (checked against each other):
-- ours: `TemporalAttention` as rendering uses it: positions in chunks, `local_attention` (blocks of 40
-  query frames against their 120-frame key range, fused sdpa kernel);
+- ours: `TemporalAttention` as rendering uses it: positions in chunks, the native CPU kernel
+  (`dawn.models.native.banded_attention`; `local_attention`'s sdpa blocks where it is unavailable);
 - sdpa + T x T mask: the same layer, attention as one fused sdpa call per chunk with the full (8, T, T)
   relative bias + window mask (`full_attention_bias`);
 - reference: `reference_mode=True`, the reference's formulation: all positions at once, explicit
@@ -37,6 +37,8 @@ def _memory_kb(field: str) -> int:
 
 def run_case(method: str, frames: int, positions: int, threads: int, repeats: int) -> dict:
     """In this (fresh) process: build the layer, measure one call's peak memory, then time it."""
+    if method != "ours":  # the baselines are PyTorch formulations: no native kernel (dawn/models/native.py)
+        os.environ["DAWN_NATIVE_KERNELS"] = "0"
     import torch
     import torch.nn.functional as F
 
