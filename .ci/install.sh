@@ -8,9 +8,9 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null) \
     || echo "warning: could not install espeak-ng (speech synthesis for the synthetic corpus)"
 fi
-if ! command -v c++ >/dev/null 2>&1; then  # builds dawn's native CPU temporal attention (dawn/models/native.py)
+if ! command -v c++ >/dev/null 2>&1; then  # builds dawn's native CPU kernels (dawn/models/native.py)
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) \
-    || echo "warning: could not install g++ (the native temporal attention will fall back to PyTorch's)"
+    || echo "warning: could not install g++ (dawn's native CPU kernels will fall back to PyTorch's formulations)"
 fi
 python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps -r requirements-nodeps.txt
