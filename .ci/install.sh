@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Installs dawn and everything its tests need on a fresh CPU machine (Python 3.11, Linux x86_64).
-# torch: the CPU build 2.13.0; torchaudio 2.11.0 goes in --no-deps with its compiled libs removed, which
-# keeps the pure-Python part (functional.resample) working on torch 2.13 (see README "Why these versions").
+# torch: the CPU build 2.13.0 (this machine kind's pip finds it locally; elsewhere see README "Install").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v espeak-ng >/dev/null 2>&1; then
@@ -14,7 +13,4 @@ if ! command -v c++ >/dev/null 2>&1; then  # builds dawn's native CPU kernels (d
 fi
 python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps -r requirements-nodeps.txt
-# torchaudio's compiled extension targets torch 2.11; remove it so the pure-Python API imports on 2.13.
-ta=$(python -c "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('torchaudio').origin))")
-rm -f "$ta"/lib/*.so
 python -m pip install -q --no-deps -e .

@@ -1,5 +1,5 @@
 """Serving throughput and latency: renders per minute and p50/p99 latency at several concurrencies, with 1 vs
-2 A2V-FDM replicas, over real HTTP against the Serve app (serve/app.py).
+2 A2V-FDM replicas, over real HTTP against the Serve app (dawn.serve.app).
 
     python bench/serve.py [--checkpoints DIR] [--preset tiny] [--seconds 1] [--steps 2]
                           [--concurrency 1 4 8] [--a2v-replicas 1 2] [--requests 8] [--num-cpus N]
@@ -15,7 +15,6 @@ import argparse
 import io
 import os
 import socket
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -88,8 +86,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    sys.path.insert(0, str(REPO))
-    from serve.app import build_app
+    from dawn.serve.app import build_app
 
     from dawn.render import init_checkpoints
 
@@ -102,7 +99,7 @@ def main() -> None:
     print(f"{'a2v':>3} {'conc':>4} {'renders/min':>11} {'p50 s':>7} {'p99 s':>7}")
     for replicas in args.a2v_replicas:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         share = min(1.0, args.num_cpus / (2 + replicas + 0.5))

@@ -31,7 +31,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode any audio file, or the audio track of a video, to float32 mono (N,) at `sample_rate`.
 
     PyAV decodes every container (wav, flac, mp3, m4a/aac, ogg, mp4/mov/mkv); multi-channel audio keeps
-    channel 0 only, as the reference does (§7.1); torchaudio's windowed-sinc resampler changes the rate.
+    channel 0 only, as the reference does (§7.1); libsoxr (the `soxr` package, high quality) changes the rate.
     """
     import av
 
@@ -59,9 +59,9 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise DawnError(f"{path} contains no audio samples")
     waveform = np.concatenate(chunks).astype(np.float32)
     if source_rate != sample_rate:
-        import torchaudio.functional
+        import soxr
 
-        waveform = torchaudio.functional.resample(torch.from_numpy(waveform), source_rate, sample_rate).numpy()
+        waveform = soxr.resample(waveform, source_rate, sample_rate, quality="HQ")
     min_samples = sample_rate // FPS
     if len(waveform) < min_samples:
         raise DawnError(f"{path} is too short: {len(waveform) / sample_rate * 1000:.1f} ms of audio, "

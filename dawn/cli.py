@@ -14,6 +14,8 @@ COMMAND_MODULES = [
     "dawn.render",  # dawn render, dawn init-checkpoints
     "dawn.batch_render",  # dawn batch-render
     "dawn.data.synth",  # dawn synth-corpus
+    "dawn.data.preprocess_job",  # dawn preprocess
+    "dawn.train.config",  # dawn train lfg|pbnet|a2v
     "dawn.serving",  # dawn serve
     "dawn.evaluation",  # dawn evaluate
     "dawn.demo",  # dawn demo
@@ -21,7 +23,8 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dawn", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dawn", description="Train and serve DAWN talking-head diffusion: "
+                                     "preprocess, train, render, serve, evaluate.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         try:

@@ -35,7 +35,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -270,16 +269,12 @@ class Demo:
     # -- Ray ----------------------------------------------------------------------------------------------
     def ray(self):
         """The local Ray instance (started on first use): every logical CPU of this machine, at least
-        workers + 2 so that Ray Data can read beside the training workers. The repository is on the workers'
-        PYTHONPATH for the Serve app (serve/app.py)."""
+        workers + 2 so that Ray Data can read beside the training workers."""
         import ray
 
         if not ray.is_initialized():
-            from dawn.serving import REPO_ROOT
-
             num_cpus = max(os.cpu_count() or 1, self.settings.workers + 2)
-            env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
-                   "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+            env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
             self.say(f"starting a local Ray cluster ({num_cpus} logical CPUs)")
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                      runtime_env={"env_vars": env})
@@ -455,18 +450,14 @@ class Demo:
                 {r["id"]: r["seconds"] for r in results}}
 
     def stage_serve(self) -> dict:
-        """Start the Serve app (serve/app.py) on 127.0.0.1, render the unseen-speech pair over HTTP, poll, download
+        """Start the Serve app (dawn/serve/app.py) on 127.0.0.1, render the unseen-speech pair over HTTP, poll, download
         the mp4, shut the app down."""
         import requests
 
         ray = self.ray()
         from ray import serve
 
-        from dawn.serving import REPO_ROOT
-
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
-        from serve.app import build_app
+        from dawn.serve.app import build_app
 
         row = next(r for r in self.results["inputs"]["rows"] if r["id"] == "unseen-speech")
         folder = self.paths["serve"]

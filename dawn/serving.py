@@ -1,7 +1,7 @@
 """The render service behind the HTTP API, without Ray: limits, upload checks, the job table, the render
 sequence, and `dawn serve`.
 
-The Serve app (serve/app.py) is a thin layer over this module: its deployments hold `RenderPipeline`s and
+The Serve app (dawn/serve/app.py) is a thin layer over this module: its deployments hold `RenderPipeline`s and
 run the stages; its ingress holds one `RenderService`, which validates uploads, admits or refuses renders
 (503 + Retry-After when the queue is full), runs each accepted render as a background task through a
 `RenderStages` object (the deployment handles), and writes the mp4 and a status JSON atomically to the
@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import re
 import tempfile
 import threading
@@ -395,7 +394,7 @@ class JobTable:
 # The service
 
 class RenderStages(Protocol):
-    """Where the stages run: Serve deployment handles in serve/app.py, or anything with these methods."""
+    """Where the stages run: Serve deployment handles in dawn/serve/app.py, or anything with these methods."""
 
     async def resolution(self) -> int: ...
     async def prepare(self, portrait: Upload, audio: Upload, pose_video: Upload | None, resolution: int,
@@ -490,9 +489,6 @@ class RenderService:
 # ----------------------------------------------------------------------------------------------------
 # `dawn serve`
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # holds serve/app.py (the Serve application)
-
-
 def app_args(args: argparse.Namespace, cluster_cpus: float) -> dict:
     """The `build_app` arguments for the parsed `dawn serve` flags. Without --cpus-per-replica every replica
     gets an equal share of the cluster's CPUs (at most 1; the ingress half a share), so all of them start."""
@@ -519,16 +515,11 @@ def _serve_command(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
     if args.address:
-        ray.init(address=args.address, runtime_env=runtime_env)
+        ray.init(address=args.address)
     else:
-        ray.init(address="local", num_cpus=args.num_cpus, runtime_env=runtime_env)
-    import sys
-
-    sys.path.insert(0, str(REPO_ROOT))
-    from serve.app import build_app
+        ray.init(address="local", num_cpus=args.num_cpus)
+    from dawn.serve.app import build_app
 
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"dawn serve: http://{args.host}:{args.port}/docs (Ctrl-C stops)", flush=True)

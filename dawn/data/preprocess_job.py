@@ -260,3 +260,39 @@ def read_shards(shards_dir: str | Path, split: str | None = None, columns: list[
         raise DawnError(f"no {split or ''} shards in {Path(shards_dir) / 'shards'}".replace("  ", " "))
     read_columns = None if columns is None else list(SCALAR_COLUMNS) + [c for c in columns if c not in SCALAR_COLUMNS]
     return ray.data.read_parquet(paths, columns=read_columns)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `dawn preprocess` (and jobs/preprocess.py)
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "preprocess", help="preprocess a video corpus into Parquet shards with Ray Data",
+        description="Preprocess a video corpus into Parquet shards (docs/data_schema.md) with Ray Data. With "
+                    "RAY_ADDRESS set (as under `ray job submit`) the job joins that cluster; otherwise a local Ray "
+                    "starts. On a cluster give paths every node sees (a shared filesystem).")
+    add = parser.add_argument
+    add("--input", required=True, help="folder of videos or a .csv/.jsonl manifest (path, identity)")
+    add("--output", required=True, help="shards folder (index.json, failures.parquet, shards/)")
+    add("--hubert", required=True, help="HuBERT model folder (save_pretrained of facebook/hubert-large-ls960-ft)")
+    add("--resolution", type=int, default=128, help="face crop side in pixels (128 or 256)")
+    add("--segment-frames", type=int, default=SEGMENT_FRAMES, help="max frames per shard row")
+    add("--test-fraction", type=float, default=0.1, help="share of identities in the test split")
+    add("--seed", type=int, default=0, help="seed of the identity split")
+    add("--max-missing-face", type=float, default=MAX_MISSING_FACE,
+        help="reject a video when no face is found in more than this fraction of its frames")
+    add("--max-actors", type=int, default=None, help="preprocessing actors (default: cluster CPUs)")
+    add("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    add("--num-cpus", type=int, default=None, help="CPUs of the local Ray (local runs only)")
+    parser.set_defaults(func=_preprocess_command)
+
+
+def _preprocess_command(args) -> int:
+    if args.resolution % 4 or args.resolution < 16:
+        raise DawnError(f"--resolution must be a multiple of 4 and at least 16 (128 or 256), got {args.resolution}")
+    settings = PreprocessSettings(resolution=args.resolution, segment_frames=args.segment_frames,
+                                  test_fraction=args.test_fraction, seed=args.seed,
+                                  max_missing_face=args.max_missing_face)
+    run_preprocess(args.input, args.output, args.hubert, settings, max_actors=args.max_actors,
+                   address=args.address, num_cpus=args.num_cpus)
+    return 0

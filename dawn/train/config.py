@@ -183,7 +183,7 @@ def deepspeed_config(config: TrainConfig, on_gpu: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Command-line flags shared by jobs/train_lfg.py, jobs/train_pbnet.py and jobs/train_a2v.py
+# `dawn train lfg|pbnet|a2v` (and jobs/train_*.py): the training flags
 
 
 def add_arguments(parser, model_flags: tuple[str, ...] = ()) -> None:
@@ -259,3 +259,34 @@ def from_arguments(args, model: str) -> TrainConfig:
         samples_per_row=args.samples_per_row, cache_rows=args.cache_rows, overfit_batches=args.overfit_batches,
         objective_options=as_json("options", args.options), model_overrides=as_json("model-overrides", args.model_overrides),
     )
+
+
+TRAIN_COMMANDS = {  # dawn train <name>: help, extra flags of that model
+    "lfg": ("the Latent Flow Generator (paper §3.2)", ("vgg19",)),
+    "pbnet": ("a PBNet pose or blink model (paper §3.4)", ("kind",)),
+    "a2v": ("A2V-FDM, one curriculum stage (paper §3.3, §3.5)", ("stage", "lfg")),
+}
+
+
+def register_cli(subparsers) -> None:
+    train = subparsers.add_parser(
+        "train", help="train LFG, PBNet or A2V-FDM with Ray Train + DeepSpeed (MLflow tracking)",
+        description="Train one model with Ray Train + DeepSpeed, tracked in MLflow. With RAY_ADDRESS set (as "
+                    "under `ray job submit`) the run joins that cluster; otherwise a local Ray starts. Rerun with "
+                    "the same --storage-path and --run-name to resume from the last checkpoint.")
+    models = train.add_subparsers(dest="model", required=True, metavar="{lfg,pbnet,a2v}")
+    for name, (what, flags) in TRAIN_COMMANDS.items():
+        parser = models.add_parser(name, help=f"train {what}", description=f"Train {what}.")
+        if "kind" in flags:
+            parser.add_argument("--kind", required=True, choices=("pose", "blink"), help="which PBNet to train")
+        add_arguments(parser, model_flags=tuple(f for f in flags if f != "kind"))
+        parser.set_defaults(func=_train_command)
+
+
+def _train_command(args) -> int:
+    from dawn.train.loop import run_training
+
+    model = f"pbnet_{args.kind}" if args.model == "pbnet" else args.model
+    summary = run_training(from_arguments(args, model), address=args.address, num_cpus=args.num_cpus)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

@@ -2,6 +2,7 @@
 checkpoints, jobs/evaluate.py on the test split and on rendered mp4s -> table, plots, MLflow run."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,12 +35,8 @@ def corpus(tmp_path_factory):
 
 
 def _run_job(argv: list[str]) -> int:
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import evaluate as job
-    finally:
-        sys.path.pop(0)
-    return job.main(argv)
+    """jobs/evaluate.py as `ray job submit` runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), *argv]).returncode
 
 
 def _mlflow_run(out: Path) -> tuple[list[str], dict]:

