@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The render benchmarks on one CUDA GPU, in one go (each step time-boxed; a failed step does not stop the rest).
 #   bash bench/gpu.sh [LOG_DIR]        # logs: LOG_DIR (default $OUT or ./bench-gpu-logs), one file per step
-# Needs torch (CUDA), numpy, tqdm, opencv and scikit-image; runs from a checkout without installing dawn.
+# Needs torch (CUDA), numpy, tqdm, opencv and scikit-image; installs this checkout's dawn (no deps) if missing.
 set -u
 cd "$(dirname "$0")/.."
 LOGS=${1:-${OUT:-bench-gpu-logs}}
 mkdir -p "$LOGS"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+"$PY" -c "import dawn" 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 
 step() {  # step NAME SECONDS ARGS...: python bench/render.py ARGS, its output in $LOGS/NAME.log
     local name=$1 seconds=$2; shift 2
