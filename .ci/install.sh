@@ -11,6 +11,10 @@ if ! command -v c++ >/dev/null 2>&1; then  # builds dawn's native CPU kernels (d
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) \
     || echo "warning: could not install g++ (dawn's native CPU kernels will fall back to PyTorch's formulations)"
 fi
+if ! command -v chromium >/dev/null 2>&1; then  # the web page's browser test (tests/integration/test_web_page.py)
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium (the web page's browser test will fail)"
+fi
 python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps -r requirements-nodeps.txt
 python -m pip install -q --no-deps -e .

@@ -223,6 +223,23 @@ def prepare_render(pipeline: RenderPipeline, portrait: Upload, audio: Upload, po
     return PreparedRender(portrait=analysed, waveform=waveform, pose_frames=pose_frames)
 
 
+def locate_face(portrait: Upload, limits: ServeLimits) -> dict:
+    """Where the render's crop lies in an uploaded portrait (for the web page's preview): the crop box
+    (x0, y0, x1, y1) in the image's pixels, the image size and the number of faces. RequestError (4xx) when
+    the upload is not an image or holds no face."""
+    from dawn.face import analyze_portrait, load_image
+
+    check_upload_size(portrait, limits)
+    image = decode_upload(portrait, load_image, "image")
+    try:
+        analysis = analyze_portrait(image, size=64, crop="face", name=f"portrait {portrait.filename!r}")
+    except DawnError as e:
+        raise RequestError(f"portrait upload: {e}", 422) from None
+    height, width = image.shape[:2]
+    return {"crop_box": [int(v) for v in analysis.crop_box], "width": int(width), "height": int(height),
+            "faces": int(analysis.num_faces)}
+
+
 # ----------------------------------------------------------------------------------------------------
 # A2V-FDM work of several requests, batched where shapes allow (runs in the A2V-FDM replica)
 
@@ -399,6 +416,7 @@ class RenderStages(Protocol):
     async def resolution(self) -> int: ...
     async def prepare(self, portrait: Upload, audio: Upload, pose_video: Upload | None, resolution: int,
                       limits: ServeLimits) -> PreparedRender: ...
+    async def locate_face(self, portrait: Upload, limits: ServeLimits) -> dict: ...
     async def audio_features(self, waveform: np.ndarray) -> np.ndarray: ...
     async def sample_motion(self, portrait: Portrait, hubert: np.ndarray, seed: int) -> Motion: ...
     async def motion_from_video(self, frames: np.ndarray, num_frames: int) -> Motion: ...
@@ -439,11 +457,14 @@ class RenderService:
     def status(self, render_id: str) -> RenderJob:
         return self.jobs.get(render_id)
 
+    async def locate_face(self, portrait: Upload) -> dict:
+        return await self.stages.locate_face(portrait, self.limits)
+
     def video_path(self, render_id: str) -> Path:
         return self.jobs.video_path(render_id)
 
     def health(self) -> dict:
-        return {"status": "ok", "renders": self.jobs.counts(), "limits": asdict(self.limits)}
+        return {"status": "ok", "auth_required": False, "renders": self.jobs.counts(), "limits": asdict(self.limits)}
 
     async def wait_idle(self) -> None:
         """Wait for every background render started so far (tests, shutdown)."""

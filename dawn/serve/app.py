@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from dawn import DawnError
 from dawn.pipeline import Motion, Portrait, RenderPipeline
 from dawn.serving import (FramesRequest, PreparedRender, RenderService, ServeLimits, Upload, error_body,
-                          error_status, prepare_render, render_frames_batched)
+                          error_status, locate_face, prepare_render, render_frames_batched)
 
 
 def _device(device: str) -> str:
@@ -49,6 +49,9 @@ class Features:
     def prepare(self, portrait: Upload, audio: Upload, pose_video: Upload | None, resolution: int,
                 limits: ServeLimits) -> PreparedRender:
         return prepare_render(self.pipeline, portrait, audio, pose_video, resolution, limits)
+
+    def locate_face(self, portrait: Upload, limits: ServeLimits) -> dict:
+        return locate_face(portrait, limits)
 
     def audio_features(self, waveform: np.ndarray) -> np.ndarray:
         return self.pipeline.audio_features(waveform)
@@ -110,6 +113,9 @@ class HandleStages:
     async def prepare(self, *args) -> PreparedRender:
         return await self.features.prepare.remote(*args)
 
+    async def locate_face(self, portrait: Upload, limits: ServeLimits) -> dict:
+        return await self.features.locate_face.remote(portrait, limits)
+
     async def audio_features(self, waveform: np.ndarray) -> np.ndarray:
         return await self.features.audio_features.remote(waveform)
 
@@ -122,6 +128,8 @@ class HandleStages:
     async def render_frames(self, request: FramesRequest) -> np.ndarray:
         return await self.a2v.render.remote(request)
 
+
+PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
 
 api = FastAPI(title="dawn", version="1",
               description="DAWN talking-head rendering: portrait + speech in, mp4 out (all frames in one "
@@ -172,6 +180,15 @@ class DawnAPI:
     async def get_video(self, render_id: str) -> FileResponse:
         return FileResponse(self.service.video_path(render_id), media_type="video/mp4",
                             filename=f"{render_id}.mp4")
+
+    @api.post("/v1/faces", summary="Where the render's face crop lies in a portrait (multipart: portrait)")
+    async def locate_face(self, portrait: UploadFile = File(..., description="portrait image")) -> dict:
+        return await self.service.locate_face(await _read(portrait, "portrait", self.service.limits))
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The browser page (dawn/serve/static/index.html): upload, options, progress, player."""
+        return HTMLResponse(PAGE)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
