@@ -116,7 +116,8 @@ def test_dawn_batch_render_command_reports_bad_input(tmp_path, capsys):
     argv = ["--manifest", "m.csv", "--checkpoints", "c", "--output", "o", "--a2v-actors", "2", "--eta", "0"]
     from_cli = vars(build_parser().parse_args(["batch-render", *argv]))
     assert from_cli.pop("command") == "batch-render" and from_cli.pop("func") is not None
-    assert from_cli == vars(job.build_parser().parse_args(argv))
+    assert job.COMMAND == ["batch-render"]  # the job script runs `dawn batch-render ARGS`
+    assert from_cli["a2v_actors"] == 2 and from_cli["eta"] == 0
 
     output = tmp_path / "renders"
     assert main(["batch-render", "--manifest", "m.csv", "--checkpoints", str(tmp_path / "none"),
