@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -88,6 +90,48 @@ def error_body(error: BaseException) -> tuple[dict, dict]:
     error = getattr(error, "cause", None) or error
     headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, ServiceBusy) else {}
     return {"error": str(error), "status": error_status(error)}, headers
+
+
+# ----------------------------------------------------------------------------------------------------
+# API keys
+
+class ApiKeys:
+    """Bearer keys of the HTTP API (one per line of a key file; blank lines and lines starting with # are
+    skipped). No keys: the API is open. Keys are compared in constant time and never logged; a render belongs
+    to the key that made it, recorded as an opaque owner id (a hash of the key), never the key itself."""
+
+    def __init__(self, keys: list[str] | None = None):
+        self._keys = [k.encode() for k in (keys or [])]
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> "ApiKeys":
+        if not path:
+            return cls()
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise DawnError(f"cannot read the API key file {path}: {e.strerror}") from None
+        keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not keys:
+            raise DawnError(f"the API key file {path} holds no key")
+        return cls(keys)
+
+    @property
+    def required(self) -> bool:
+        return bool(self._keys)
+
+    def owner(self, authorization: str | None) -> str | None:
+        """The owner id for an `Authorization` header value; None when no keys are configured. RequestError 401
+        for a missing or unknown key."""
+        if not self._keys:
+            return None
+        scheme, _, token = (authorization or "").partition(" ")
+        presented = token.strip().encode()
+        # every key is compared (constant time each), so the time taken does not tell which one matched
+        matched = [hmac.compare_digest(presented, key) for key in self._keys]
+        if scheme.lower() != "bearer" or not any(matched):
+            raise RequestError("a valid API key is required (header Authorization: Bearer <key>)", 401)
+        return hashlib.sha256(b"dawn-owner:" + presented).hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,9 +346,16 @@ class RenderJob:
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    owner: str | None = None  # the API key's owner id; not shown to clients
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def public(self) -> dict:
+        """The record as the API shows it."""
+        out = asdict(self)
+        del out["owner"]
+        return out
 
 
 class JobTable:
@@ -345,10 +396,10 @@ class JobTable:
             raise ServiceBusy(f"the render queue is full ({counts['running']} running, {counts['queued']} "
                               f"queued); retry later", self.retry_after())
 
-    def submit(self, options: RenderOptions) -> RenderJob:
+    def submit(self, options: RenderOptions, owner: str | None = None) -> RenderJob:
         """Admit a new render (status queued) or raise ServiceBusy."""
         self.check_capacity()
-        job = RenderJob(id=uuid.uuid4().hex, seed=options.seed, steps=options.steps)
+        job = RenderJob(id=uuid.uuid4().hex, seed=options.seed, steps=options.steps, owner=owner)
         with self._lock:
             self._jobs[job.id] = job
             self._forget_old()
@@ -371,22 +422,25 @@ class JobTable:
             self._write_record(record)
         return record
 
-    def get(self, render_id: str) -> RenderJob:
-        """The record of a render (memory, then the output directory), or RequestError 404."""
+    def get(self, render_id: str, owner: str | None = None) -> RenderJob:
+        """The record of a render (memory, then the output directory), or RequestError 404 (also for a render
+        of another owner)."""
         if not RENDER_ID.match(render_id or ""):
             raise RequestError(f"unknown render id {render_id!r}", 404)
         with self._lock:
             job = self._jobs.get(render_id)
-            if job is not None:
+            if job is not None and job.owner == owner:
                 return RenderJob(**job.to_dict())
         path = self.output_dir / f"{render_id}.json"
         if path.is_file():
-            return RenderJob(**json.loads(path.read_text()))
+            record = RenderJob(**json.loads(path.read_text()))
+            if record.owner == owner:
+                return record
         raise RequestError(f"unknown render id {render_id!r}", 404)
 
-    def video_path(self, render_id: str) -> Path:
+    def video_path(self, render_id: str, owner: str | None = None) -> Path:
         """The finished mp4 of a render: 404 for an unknown id, 409 while not done (or failed)."""
-        job = self.get(render_id)
+        job = self.get(render_id, owner)
         if job.status != "done":
             detail = f": {job.error}" if job.error else ""
             raise RequestError(f"render {render_id} is {job.status}{detail}; its video is not available", 409)
@@ -441,30 +495,30 @@ class RenderService:
 
     async def submit(self, portrait: Upload, audio: Upload, pose_video: Upload | None = None,
                      seed: int | None = None, steps: int | None = None, eta: float | None = None,
-                     sampler: str | None = None) -> RenderJob:
+                     sampler: str | None = None, owner: str | None = None) -> RenderJob:
         """Check and admit a render; it then runs in the background. Raises RequestError / ServiceBusy."""
         self.jobs.check_capacity()  # refuse early, before decoding anything
         options = render_options(seed, steps, self.limits, eta=eta, sampler=sampler)
         if self._resolution is None:
             self._resolution = await self.stages.resolution()
         prepared = await self.stages.prepare(portrait, audio, pose_video, self._resolution, self.limits)
-        job = self.jobs.submit(options)
+        job = self.jobs.submit(options, owner)
         task = asyncio.get_running_loop().create_task(self._run(job.id, prepared, options))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
 
-    def status(self, render_id: str) -> RenderJob:
-        return self.jobs.get(render_id)
+    def status(self, render_id: str, owner: str | None = None) -> RenderJob:
+        return self.jobs.get(render_id, owner)
 
     async def locate_face(self, portrait: Upload) -> dict:
         return await self.stages.locate_face(portrait, self.limits)
 
-    def video_path(self, render_id: str) -> Path:
-        return self.jobs.video_path(render_id)
+    def video_path(self, render_id: str, owner: str | None = None) -> Path:
+        return self.jobs.video_path(render_id, owner)
 
-    def health(self) -> dict:
-        return {"status": "ok", "auth_required": False, "renders": self.jobs.counts(), "limits": asdict(self.limits)}
+    def health(self, auth_required: bool = False) -> dict:
+        return {"status": "ok", "auth_required": auth_required, "renders": self.jobs.counts(), "limits": asdict(self.limits)}
 
     async def wait_idle(self) -> None:
         """Wait for every background render started so far (tests, shutdown)."""
@@ -517,6 +571,9 @@ def app_args(args: argparse.Namespace, cluster_cpus: float) -> dict:
            "device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size}
     if args.hubert:
         out["hubert"] = str(Path(args.hubert).resolve())
+    if args.api_key_file:
+        ApiKeys.from_file(args.api_key_file)  # a missing or empty key file stops `dawn serve` at once
+        out["api_key_file"] = str(Path(args.api_key_file).resolve())
     replicas = args.features_replicas + args.pbnet_replicas + args.a2v_replicas
     share = args.cpus_per_replica or min(1.0, cluster_cpus / (replicas + 0.5))
     for stage in ("features", "pbnet", "a2v"):
@@ -555,6 +612,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--checkpoints", default="checkpoints", help="dawn checkpoint directory (default ./checkpoints)")
     p.add_argument("--hubert", help="HuBERT model folder (default: CHECKPOINTS/hubert)")
     p.add_argument("--output", default="renders", help="where rendered mp4s go (default ./renders)")
+    p.add_argument("--api-key-file", help="require `Authorization: Bearer <key>` on /v1 routes: one key per line")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="join a running Ray cluster (default: start a local one)")

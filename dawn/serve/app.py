@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from dawn import DawnError
 from dawn.pipeline import Motion, Portrait, RenderPipeline
-from dawn.serving import (FramesRequest, PreparedRender, RenderService, ServeLimits, Upload, error_body,
+from dawn.serving import (ApiKeys, FramesRequest, PreparedRender, RenderService, ServeLimits, Upload, error_body,
                           error_status, locate_face, prepare_render, render_frames_batched)
 
 
@@ -154,35 +154,40 @@ async def _read(upload: UploadFile | None, field: str, limits: ServeLimits) -> U
 @serve.ingress(api)
 class DawnAPI:
     def __init__(self, features: DeploymentHandle, pbnet: DeploymentHandle, a2v: DeploymentHandle,
-                 output: str, limits: dict):
+                 output: str, limits: dict, api_key_file: str | None = None):
         self.service = RenderService(HandleStages(features, pbnet, a2v), output, ServeLimits(**limits))
+        self.keys = ApiKeys.from_file(api_key_file)
 
     @api.post("/v1/renders", status_code=202, summary="Start a render (multipart: portrait, audio, ...)")
-    async def create_render(self, portrait: UploadFile = File(..., description="portrait image"),
+    async def create_render(self, request: Request, portrait: UploadFile = File(..., description="portrait image"),
                             audio: UploadFile = File(..., description="speech (any audio or video file)"),
                             pose_video: UploadFile | None = File(None, description="take head pose from this video"),
                             seed: int | None = Form(None), steps: int | None = Form(None),
                             eta: float | None = Form(None, description="DDIM eta, 0 (deterministic) to 1"),
                             sampler: str | None = Form(None, description="ddim or dpm-solver++")) -> dict:
+        owner = self.keys.owner(request.headers.get("authorization"))
         limits = self.service.limits
         job = await self.service.submit(await _read(portrait, "portrait", limits), await _read(audio, "audio", limits),
                                         await _read(pose_video, "pose_video", limits), seed=seed, steps=steps,
-                                        eta=eta, sampler=sampler)
+                                        eta=eta, sampler=sampler, owner=owner)
         return {"id": job.id, "status": job.status, "status_url": f"/v1/renders/{job.id}",
                 "video_url": f"/v1/renders/{job.id}/video"}
 
     @api.get("/v1/renders/{render_id}", summary="Status: queued / running / done / failed, progress, error")
-    async def get_render(self, render_id: str) -> dict:
-        return self.service.status(render_id).to_dict()
+    async def get_render(self, request: Request, render_id: str) -> dict:
+        return self.service.status(render_id, self.keys.owner(request.headers.get("authorization"))).public()
 
     @api.get("/v1/renders/{render_id}/video", summary="The rendered mp4 (409 until done)",
              response_class=FileResponse)
-    async def get_video(self, render_id: str) -> FileResponse:
-        return FileResponse(self.service.video_path(render_id), media_type="video/mp4",
+    async def get_video(self, request: Request, render_id: str) -> FileResponse:
+        owner = self.keys.owner(request.headers.get("authorization"))
+        return FileResponse(self.service.video_path(render_id, owner), media_type="video/mp4",
                             filename=f"{render_id}.mp4")
 
     @api.post("/v1/faces", summary="Where the render's face crop lies in a portrait (multipart: portrait)")
-    async def locate_face(self, portrait: UploadFile = File(..., description="portrait image")) -> dict:
+    async def locate_face(self, request: Request,
+                          portrait: UploadFile = File(..., description="portrait image")) -> dict:
+        self.keys.owner(request.headers.get("authorization"))
         return await self.service.locate_face(await _read(portrait, "portrait", self.service.limits))
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -192,7 +197,7 @@ class DawnAPI:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return self.service.health()
+        return self.service.health(auth_required=self.keys.required)
 
 
 # ---- application builder -------------------------------------------------------------------------
@@ -214,7 +219,8 @@ def build_app(args: dict) -> serve.Application:
     max_batch_size, batch_wait_s, <stage>_replicas / <stage>_cpus / <stage>_gpus for stage in features,
     pbnet, a2v (a replica count set in a config's `deployments:` section wins), ingress_cpus, and the
     ServeLimits fields (max_upload_bytes, max_audio_seconds, max_active_renders, max_queued_renders,
-    max_steps, default_steps, default_eta, default_sampler, retry_after_s).
+    max_steps, default_steps, default_eta, default_sampler, retry_after_s), and api_key_file (one bearer key
+    per line; without it the API is open).
     """
     if "checkpoints" not in args:
         raise DawnError("build_app needs checkpoints=DIR (a dawn checkpoint directory)")
@@ -233,4 +239,6 @@ def build_app(args: dict) -> serve.Application:
     ingress = DawnAPI.options(ray_actor_options={"num_cpus": float(args.get("ingress_cpus", 0.5))})
     from dataclasses import asdict
 
-    return ingress.bind(features, pbnet, a2v, output, asdict(limits))
+    api_key_file = str(Path(args["api_key_file"]).resolve()) if args.get("api_key_file") else None
+    ApiKeys.from_file(api_key_file)  # checked here, so a bad key file fails `serve run` at once
+    return ingress.bind(features, pbnet, a2v, output, asdict(limits), api_key_file)

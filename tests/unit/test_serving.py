@@ -343,3 +343,49 @@ def test_dawn_serve_flags_fit_every_replica_on_the_cpus(tmp_path):
     assert total + out["ingress_cpus"] == pytest.approx(2.0)
     assert app_args(args, cluster_cpus=64.0)["a2v_cpus"] == 1.0  # at most one CPU each on a big machine
     ServeLimits.from_args(out)
+
+
+# ---- API keys ----------------------------------------------------------------------------------------------
+
+def test_api_keys_from_file_and_bearer_check(tmp_path):
+    from dawn.serving import ApiKeys
+
+    assert ApiKeys().owner(None) is None and not ApiKeys().required  # no keys: open
+    path = tmp_path / "keys.txt"
+    path.write_text("# one key per line\nalpha-key\n\nbeta-key\n")
+    keys = ApiKeys.from_file(path)
+    assert keys.required
+    alpha, beta = keys.owner("Bearer alpha-key"), keys.owner("bearer beta-key")
+    assert alpha and beta and alpha != beta and "alpha-key" not in alpha
+    for header in (None, "", "Bearer", "Bearer wrong", "Basic alpha-key", "alpha-key"):
+        with pytest.raises(RequestError) as error:
+            keys.owner(header)
+        assert error.value.status_code == 401 and "alpha" not in str(error.value)
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(DawnError, match="holds no key"):
+        ApiKeys.from_file(tmp_path / "empty.txt")
+    with pytest.raises(DawnError, match="cannot read the API key file"):
+        ApiKeys.from_file(tmp_path / "missing.txt")
+
+
+def test_a_render_is_visible_only_to_its_key(tmp_path):
+    async def scenario():
+        service = RenderService(FakeStages(), tmp_path, ServeLimits())
+        job = await service.submit(Upload("portrait", "p.png", b"x"), Upload("audio", "a.wav", b"y"), owner="alice")
+        await service.wait_idle()
+        return service, job
+
+    service, job = asyncio.run(scenario())
+    assert service.status(job.id, "alice").status == "done"
+    assert "owner" not in service.status(job.id, "alice").public()
+    assert service.video_path(job.id, "alice").is_file()
+    for other in ("bob", None):
+        with pytest.raises(RequestError) as error:
+            service.status(job.id, other)
+        assert error.value.status_code == 404
+        with pytest.raises(RequestError):
+            service.video_path(job.id, other)
+    service.jobs._jobs.clear()  # from the record on disk, as another ingress replica would read it
+    assert service.status(job.id, "alice").status == "done"
+    with pytest.raises(RequestError):
+        service.status(job.id, "bob")
