@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# Learnable parameters of the released checkpoints (../shared/reference/manifest_*.json).
+# Learnable parameters of the released checkpoints (tests/assets/reference/manifest_*.json).
 REFERENCE_PARAMS = {
     "lfg": 66_004_557,
     "lfg.generator": 45_575_391,

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dawn.models.diffusion import (CosineSchedule, batch_quantile, classifier_free_guidance,
                                    ddim_sample, ddim_timesteps, diffusion_loss, dpm_solver_sample,
@@ -20,11 +19,11 @@ def schedule():
 
 # --- schedule ---------------------------------------------------------------------------------------
 
-def test_schedule_buffers_match_reference(schedule, reference_dir):
+def test_schedule_buffers_match_reference(schedule, reference_dir, reference_vector):
     manifest = json.loads((reference_dir / "manifest_a2v_128.json").read_text())
     expected_names = [entry[0] for entry in manifest["entries"][:12]]
     assert list(schedule.state_dict()) == expected_names
-    vectors = load_file(str(reference_dir / "vectors" / "unet_small.safetensors"))
+    vectors = reference_vector("unet_small").tensors
     for name, value in schedule.state_dict().items():
         assert value.dtype == torch.float32 and value.shape == (1000,)
         torch.testing.assert_close(value, vectors[name], rtol=0, atol=0)
@@ -83,25 +82,26 @@ def test_dynamic_threshold_beyond_torch_quantile_limit():
 
 # --- DDIM -------------------------------------------------------------------------------------------
 
-def test_ddim_replays_reference_vector(schedule, reference_dir):
-    """3-step DDIM of unet_small with the stored noise, replaying the stored U-Net outputs."""
-    vectors = load_file(str(reference_dir / "vectors" / "unet_small.safetensors"))
-    tolerance = json.loads((reference_dir / "vectors" / "unet_small.json").read_text())["tolerance"]
-    atol = tolerance["recommended_atol_float32"]
+def test_ddim_replays_reference_vector(reference_vector):
+    """The unet_small vector's DDIM with the stored noise, replaying the stored U-Net outputs."""
+    vector = reference_vector("unet_small")
+    diffusion, atol = vector.config["diffusion"], vector.atol
     calls = []
 
     def replay(x_t, t):
         i = len(calls)
         calls.append(t.tolist())
-        torch.testing.assert_close(x_t, vectors[f"output.ddim.step{i}.x_in"], rtol=0,
+        torch.testing.assert_close(x_t, vector.output(f"ddim.step{i}.x_in"), rtol=0,
                                    atol=atol[f"ddim.step{i}.x_in"])
-        return vectors[f"output.ddim.step{i}.eps"]
+        return vector.output(f"ddim.step{i}.eps")
 
-    sample = ddim_sample(schedule, replay, (1, 3, 12, 8, 8), steps=3,
-                         noise=vectors["input.ddim_noise"])
-    assert calls == [[750], [500], [250]]
-    torch.testing.assert_close(sample, vectors["output.ddim.sample"], rtol=0,
-                               atol=atol["ddim.sample"])
+    noise = vector.input("ddim_noise")  # x_T, then one draw per step whose next time is > 0
+    sample = ddim_sample(CosineSchedule(diffusion["timesteps"]), replay, tuple(noise.shape[1:]),
+                         steps=diffusion["sampling_timesteps"], eta=diffusion["ddim_sampling_eta"], noise=noise,
+                         dynamic_threshold=diffusion["use_dynamic_thres"],
+                         percentile=diffusion["dynamic_thres_percentile"])
+    assert calls == [[t] * noise.shape[1] for t in vector.meta["ddim"]["timesteps_fed_to_unet"]]
+    torch.testing.assert_close(sample, vector.output("ddim.sample"), rtol=0, atol=atol["ddim.sample"])
 
 
 def test_ddim_last_step_returns_clipped_x0(schedule):

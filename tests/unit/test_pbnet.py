@@ -11,6 +11,7 @@ from dawn.checkpoint import load_model, save_model
 from dawn.models.pbnet import (
     POSE_MAX,
     POSE_MIN,
+    STATE_DIMS,
     PatchDiscriminator1d,
     PatchDiscriminatorConfig,
     PBNet,
@@ -20,11 +21,24 @@ from dawn.models.pbnet import (
 )
 
 
-def load_vector(reference_dir, name):
-    tensors = load_file(str(reference_dir / "vectors" / f"{name}.safetensors"))
-    meta = json.loads((reference_dir / "vectors" / f"{name}.json").read_text())
-    weights = {k: v for k, v in tensors.items() if not k.startswith(("input.", "output."))}
-    return tensors, weights, meta["tolerance"]["recommended_atol_float32"]
+def pbnet_config(config: dict) -> PBNetConfig:
+    """PBNetConfig from a PBNet vector's sidecar `config` (the reference's hyper-parameter names)."""
+    kinds = [kind for kind, key in (("pose", "pos_dim"), ("blink", "eye_dim")) if config[key]]
+    assert len(kinds) == 1, f"exactly one of pos_dim, eye_dim must be set: {config}"
+    kind = kinds[0]
+    assert config["pos_dim" if kind == "pose" else "eye_dim"] == STATE_DIMS[kind]
+    assert (config["archiname"], config["activation"]) == ("transformerreemb5", "gelu")
+    latent, width = config["audio_latent_dim"], config["pose_latent_dim"]
+    assert config["cvae_latent_dim"] == latent and config["decoder_d_model"] == width
+    assert config["encoder_d_model"] == latent + 2 * width
+    rotary_dim = config["rotary_dim"]
+    return PBNetConfig(
+        kind=kind, audio_dim=config["audio_dim"], audio_latent_dim=latent, pose_latent_dim=width,
+        num_layers=config["num_layers"], num_heads=config["num_heads"], head_dim=config["attention_dim_head"],
+        ff_size=config["ff_size"], dropout=config["dropout"], num_buckets=config["num_buckets"],
+        max_distance=config["max_distance"], rotary_dim=rotary_dim,
+        rotary_freqs=tuple(10000 ** (-2 * i / rotary_dim) for i in range(rotary_dim // 2)),  # RoPE defaults
+    )
 
 
 def max_err(a, b):
@@ -50,8 +64,8 @@ def test_state_dict_maps_one_to_one_to_manifest(reference_dir, kind, learnable):
     assert PBNetConfig.preset("hdtf256", kind=kind) == PBNetConfig.preset(kind) == config_from_reference(ref)
 
 
-def test_from_reference_is_strict(reference_dir):
-    _, weights, _ = load_vector(reference_dir, "pbnet_small")
+def test_from_reference_is_strict(reference_vector):
+    weights = reference_vector("pbnet_small").weights
     missing = {k: v for k, v in weights.items() if k != "decoder.init_proj.bias"}
     with pytest.raises(DawnError, match="decoder.query_init.bias"):
         from_reference(missing)
@@ -64,42 +78,38 @@ def test_from_reference_is_strict(reference_dir):
         config_from_reference(weights, kind="blink")
 
 
-@pytest.mark.parametrize("name,raw_key", [("pbnet_small", "pose_raw"), ("pbnet_small_blink", "blink_raw")])
-def test_reference_vectors(reference_dir, name, raw_key):
-    t, weights, tol = load_vector(reference_dir, name)
-    config = config_from_reference(weights)
-    assert config == PBNetConfig.preset(f"tiny-{config.kind}")
-    model = PBNet(config)
-    model.load_state_dict(from_reference(weights))
+@pytest.mark.parametrize("name", ["pbnet_small", "pbnet_small_blink"])
+def test_reference_vectors(reference_vector, name):
+    """Every stored output of the vector, from a PBNet built from the sidecar's config."""
+    vector = reference_vector(name)
+    model = PBNet(pbnet_config(vector.config))
+    model.load_state_dict(from_reference(vector.weights, model.config))
     model.eval()
-    x, audio, mask = t["input.x"], t["input.audio"], t["input.mask"]
-    z = t["input.z"].transpose(0, 1)  # reference latents are (T, B, A)
+    x, audio, mask = vector.input("x"), vector.input("audio"), vector.input("mask")  # x: model units
+    z = vector.input("z").transpose(0, 1)  # reference latents are (T, B, A)
     with torch.no_grad():
         mu, logvar = model.encode(x, audio, mask)
+        target_delta = model({"x": model.to_raw_units(x), "audio": audio, "mask": mask})["target_delta"]
         delta = model.decode(x[:, 0], z, audio, mask)
-        raw = model.generate(model.to_raw_units(x[:, 0]), audio, z=z)  # vector x is in model units
-    assert max_err(mu.transpose(0, 1), t["output.encoder.mu"]) <= tol["encoder.mu"]
-    assert max_err(logvar.transpose(0, 1), t["output.encoder.logvar"]) <= tol["encoder.logvar"]
-    assert max_err(delta, t["output.decoder.output"]) <= tol["decoder.output"]
-    assert max_err(raw, t[f"output.pipeline.{raw_key}"]) <= tol[f"pipeline.{raw_key}"]
-
-
-def test_reference_long_decoder_with_eval_window(reference_dir):
-    t, weights, tol = load_vector(reference_dir, "pbnet_small")
-    model = PBNet(config_from_reference(weights))
-    model.load_state_dict(from_reference(weights))
-    model.eval()
-    n = t["input.long_z"].shape[0]
-    assert n == 206 and model.config.inference_window == 200
-    audio = t["input.audio"][:1].repeat(1, math.ceil(n / t["input.x"].shape[1]), 1)[:, :n]
-    x0, z = t["input.long_x0"][:, 0], t["input.long_z"].transpose(0, 1)
-    with torch.no_grad():
-        windowed = model.decode(x0, z, audio)  # eval mode: window 200 active
-        unmasked = model.decode(x0, z, audio, window=None)
-    want, want_unmasked = t["output.decoder_long.output"], t["output.decoder_long.output_without_window_mask"]
-    assert max_err(windowed, want) <= tol["decoder_long.output"]
-    assert max_err(unmasked, want_unmasked) <= tol["decoder_long.output_without_window_mask"]
-    assert max_err(want, want_unmasked) > 100 * tol["decoder_long.output"]  # the window changes the result
+        raw = model.generate(model.to_raw_units(x[:, 0]), audio, z=z)
+    got = {
+        "encoder.mu": mu.transpose(0, 1), "encoder.logvar": logvar.transpose(0, 1), "encoder.x_delta": target_delta,
+        "decoder.output": delta,
+        "generate.output": model.to_model_units(raw) - x[:, :1],  # the reference returns the delta
+        f"pipeline.{model.config.kind}_raw": raw,
+    }  # fmt: skip
+    if vector.config.get("T_long"):
+        # the first audio sequence tiled to T_long frames; eval mode: the inference window is active
+        n = vector.config["T_long"]
+        assert n == vector.input("long_z").shape[0] > model.config.inference_window + 1
+        long_audio = audio[:1].repeat(1, math.ceil(n / x.shape[1]), 1)[:, :n]
+        x0, long_z = vector.input("long_x0")[:, 0], vector.input("long_z").transpose(0, 1)
+        with torch.no_grad():
+            got["decoder_long.output"] = model.decode(x0, long_z, long_audio)
+            got["decoder_long.output_without_window_mask"] = model.decode(x0, long_z, long_audio, window=None)
+        windowed, unmasked = (vector.output(f"decoder_long.{k}") for k in ("output", "output_without_window_mask"))
+        assert max_err(windowed, unmasked) > 100 * vector.atol["decoder_long.output"]  # the window matters
+    vector.check_outputs(got)
 
 
 def tiny_model(kind="pose", **overrides) -> PBNet:

@@ -1,4 +1,5 @@
-"""A2V-FDM denoiser: reference layout, reference vectors, prepared/windowed paths, adapter, checkpoints."""
+"""A2V-FDM denoiser: reference layout, prepared/windowed paths, adapter, checkpoints (the unet_small reference
+vector: test_diffusion_vectors.py)."""
 
 import dataclasses
 import json
@@ -18,24 +19,6 @@ from dawn.models.unet3d import A2VConfig, A2VFDM
 @pytest.fixture(scope="module")
 def manifest(reference_dir):
     return json.loads((reference_dir / "manifest_a2v_128.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def unet_small(reference_dir):
-    tensors = load_file(str(reference_dir / "vectors" / "unet_small.safetensors"))
-    meta = json.loads((reference_dir / "vectors" / "unet_small.json").read_text())
-    return tensors, meta
-
-
-def vector_model(unet_small, **changes) -> A2VFDM:
-    """A2VFDM with the vector's weights: tiny preset at the vector's 32x32 images (8x8 latents)."""
-    tensors, meta = unet_small
-    assert meta["config"]["unet"]["channels"] == 3 + 32 + 16 and meta["config"]["latent_hw"] == 8
-    config = dataclasses.replace(A2VConfig.preset("tiny"), image_size=32, **changes)
-    model = A2VFDM(config)
-    weights = {k: v for k, v in tensors.items() if not k.startswith(("input.", "output."))}
-    model.load_state_dict(from_reference(weights, config))
-    return model.eval()
 
 
 def random_model(seed=0, **changes) -> A2VFDM:
@@ -94,48 +77,6 @@ def test_adapter_is_strict_and_round_trips():
         from_reference(extra)
     with pytest.raises(DawnError, match="init_conv"):
         from_reference({"betas": torch.zeros(1000)})
-
-
-# --- reference vectors -----------------------------------------------------------------------------
-
-def test_face_mask_and_embedding_match_reference(unet_small):
-    tensors, meta = unet_small
-    tol = meta["tolerance"]["recommended_atol_float32"]
-    bbox = tensors["input.bbox"][..., 0]  # stored (B, 6, 1)
-    size = 4 * meta["config"]["latent_hw"]
-    reference_convention = vector_model(unet_small, reference_bbox_convention=True)
-    mask = reference_convention.face_mask(bbox, size)
-    assert torch.equal(mask, tensors["output.face.bbox_mask"])
-    corrected = vector_model(unet_small).face_mask(bbox, size)
-    assert torch.equal(corrected, tensors["output.face.bbox_mask_corrected_xW_yH"])
-    assert not torch.equal(mask, corrected)  # the sample boxes are non-square images
-    with torch.no_grad():
-        embedding = reference_convention.face_encoder(mask)
-        features = reference_convention.source_features(tensors["input.z_src"], bbox)
-    assert (embedding - tensors["output.face.embedding"]).abs().max() <= tol["face.embedding"]
-    assert torch.equal(features[:, :32], tensors["input.z_src"]) and torch.equal(features[:, 32:], embedding)
-
-
-@pytest.mark.parametrize("window,output", [(40, "unet.eps_win"), (4, "unet.eps_smallwin")])
-def test_unet_forward_matches_reference(unet_small, window, output):
-    tensors, meta = unet_small
-    tol = meta["tolerance"]["recommended_atol_float32"][output]
-    model = vector_model(unet_small, window=window)
-    features = torch.cat([tensors["input.z_src"], tensors["output.face.embedding"]], dim=1)
-    with torch.no_grad():
-        eps = model(tensors["input.x_t"], tensors["input.t"], features, tensors["input.cond"])
-    assert (eps - tensors["output." + output]).abs().max() <= tol
-
-
-def test_denoiser_reproduces_reference_ddim_steps(unet_small):
-    tensors, meta = unet_small
-    tol = meta["tolerance"]["recommended_atol_float32"]
-    model = vector_model(unet_small)
-    features = torch.cat([tensors["input.ddim_z_src"], tensors["output.face.embedding"][:1]], dim=1)
-    denoise = model.denoiser(features, tensors["input.ddim_cond"])
-    for i, t in enumerate(meta["ddim"]["timesteps_fed_to_unet"]):
-        eps = denoise(tensors[f"output.ddim.step{i}.x_in"], torch.tensor([t]))
-        assert (eps - tensors[f"output.ddim.step{i}.eps"]).abs().max() <= tol[f"ddim.step{i}.eps"]
 
 
 # --- fast paths against plain formulations --------------------------------------------------------
