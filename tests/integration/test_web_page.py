@@ -27,20 +27,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _start_server(folder: Path, *flags: str):
     """`dawn serve` on tiny random checkpoints; yields (url, renders folder)."""
     import requests
 
     from dawn.render import init_checkpoints
 
-    folder = tmp_path_factory.mktemp("web")
     checkpoints = init_checkpoints(folder / "ckpt", preset="tiny")
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "dawn.cli", "serve", "--checkpoints", str(checkpoints),
                                 "--output", str(folder / "renders"), "--port", str(port), "--num-cpus", "2",
-                                "--max-audio-seconds", "10"],
+                                "--max-audio-seconds", "10", *flags],
                                env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
@@ -61,6 +59,11 @@ def server(tmp_path_factory):
             process.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from _start_server(tmp_path_factory.mktemp("web"))
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +134,27 @@ def test_page_shows_the_reason_for_a_bad_upload(server, browser, speech_wav, tmp
     after = sorted(p.name for p in renders.glob("*")) if renders.exists() else []
     assert after == before  # no render was created
     page.close()
+
+
+def test_page_asks_for_the_api_key_and_sends_it(tmp_path_factory, browser, astronaut_png, speech_wav, artifacts):
+    folder = tmp_path_factory.mktemp("web-key")
+    (folder / "keys.txt").write_text("page-test-key\n")
+    for url, renders in _start_server(folder, "--api-key-file", str(folder / "keys.txt")):
+        page = browser.new_page(viewport={"width": 900, "height": 1300})
+        page.goto(f"{url}/")
+        page.wait_for_selector("#key-box", state="visible", timeout=30_000)
+        page.set_input_files("#portrait", str(astronaut_png))  # no key yet: the API's 401 reason is shown
+        page.wait_for_function("document.querySelector('[data-error-for=portrait]').textContent.includes('API key')",
+                               timeout=60_000)
+        page.fill("#api-key", "page-test-key")
+        page.dispatch_event("#api-key", "change")
+        page.dispatch_event("#portrait", "change")  # the same file again, now with the key
+        page.wait_for_selector("#face-box", state="visible", timeout=60_000)
+        page.set_input_files("#audio", str(speech_wav))
+        page.fill("#steps", "2")
+        page.click("#submit")
+        page.wait_for_function("() => { const v = document.getElementById('video'); return !v.hidden && v.readyState >= 1 }",
+                               timeout=240_000)
+        assert page.text_content("#stage").startswith("done")
+        page.screenshot(path=str(artifacts / "web-page-api-key.png"), full_page=True)
+        page.close()
