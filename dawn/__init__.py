@@ -10,6 +10,11 @@ __version__ = "0.1.0"
 os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "Failed to query Ray Train Controller actor state")
 
 
+# How a job command finds its cluster (the help text of `dawn preprocess` and `dawn train`)
+RAY_CLUSTER_HELP = ("With RAY_ADDRESS set (as under `ray job submit`) the job joins that cluster; otherwise a local "
+                    "Ray starts.")
+
+
 class DawnError(Exception):
     """An error caused by the user's input (a file, a flag, a checkpoint), with a message naming it.
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dawn import DawnError
+from dawn import RAY_CLUSTER_HELP, DawnError
 from dawn.checkpoint import atomic_write_bytes
 from dawn.data.preprocess import (MAX_MISSING_FACE, SEGMENT_FRAMES, PreprocessError, VideoItem, assign_split,
                                   list_videos, preprocess_video, write_shard)
@@ -266,11 +266,10 @@ def read_shards(shards_dir: str | Path, split: str | None = None, columns: list[
 # `dawn preprocess` (and jobs/preprocess.py)
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "preprocess", help="preprocess a video corpus into Parquet shards with Ray Data",
-        description="Preprocess a video corpus into Parquet shards (docs/data_schema.md) with Ray Data. With "
-                    "RAY_ADDRESS set (as under `ray job submit`) the job joins that cluster; otherwise a local Ray "
-                    "starts. On a cluster give paths every node sees (a shared filesystem).")
+    what = "Preprocess a video corpus into Parquet shards (docs/data_schema.md) with Ray Data."
+    where = "On a cluster give paths every node sees (a shared filesystem)."
+    parser = subparsers.add_parser("preprocess", help="preprocess a video corpus into Parquet shards with Ray Data",
+                                   description=f"{what} {RAY_CLUSTER_HELP} {where}")
     add = parser.add_argument
     add("--input", required=True, help="folder of videos or a .csv/.jsonl manifest (path, identity)")
     add("--output", required=True, help="shards folder (index.json, failures.parquet, shards/)")

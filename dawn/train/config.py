@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dawn import DawnError
+from dawn import RAY_CLUSTER_HELP, DawnError
 
 MODELS = ("lfg", "pbnet_pose", "pbnet_blink", "a2v")
 PRESETS = ("tiny", "hdtf128", "hdtf256")
@@ -269,11 +269,10 @@ TRAIN_COMMANDS = {  # dawn train <name>: help, extra flags of that model
 
 
 def register_cli(subparsers) -> None:
-    train = subparsers.add_parser(
-        "train", help="train LFG, PBNet or A2V-FDM with Ray Train + DeepSpeed (MLflow tracking)",
-        description="Train one model with Ray Train + DeepSpeed, tracked in MLflow. With RAY_ADDRESS set (as "
-                    "under `ray job submit`) the run joins that cluster; otherwise a local Ray starts. Rerun with "
-                    "the same --storage-path and --run-name to resume from the last checkpoint.")
+    resume = "Rerun with the same --storage-path and --run-name to resume from the last checkpoint."
+    train = subparsers.add_parser("train", help="train LFG, PBNet or A2V-FDM with Ray Train + DeepSpeed (MLflow tracking)",
+                                  description=f"Train one model with Ray Train + DeepSpeed, tracked in MLflow. "
+                                              f"{RAY_CLUSTER_HELP} {resume}")
     models = train.add_subparsers(dest="model", required=True, metavar="{lfg,pbnet,a2v}")
     for name, (what, flags) in TRAIN_COMMANDS.items():
         parser = models.add_parser(name, help=f"train {what}", description=f"Train {what}.")
