@@ -16,7 +16,7 @@ COMMAND_MODULES = [
     "dawn.data.synth",  # dawn synth-corpus
     "dawn.data.preprocess_job",  # dawn preprocess
     "dawn.train.config",  # dawn train lfg|pbnet|a2v
-    "dawn.serving",  # dawn serve
+    "dawn.serve.command",  # dawn serve
     "dawn.evaluation",  # dawn evaluate
     "dawn.demo",  # dawn demo
 ]

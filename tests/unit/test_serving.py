@@ -333,7 +333,7 @@ def test_serve_config_is_valid_and_embedded_in_the_rayservice():
 
 def test_dawn_serve_flags_fit_every_replica_on_the_cpus(tmp_path):
     from dawn.cli import build_parser
-    from dawn.serving import app_args
+    from dawn.serve.command import app_args
 
     args = build_parser().parse_args(["serve", "--checkpoints", str(tmp_path), "--a2v-replicas", "2",
                                       "--max-queued-renders", "3", "--port", "8001"])
