@@ -10,7 +10,7 @@ Methods, all computing the same function (checked against each other):
   (`dawn.models.native.banded_attention`; `local_attention`'s sdpa blocks where it is unavailable);
 - sdpa + T x T mask: the same layer, attention as one fused sdpa call per chunk with the full (8, T, T)
   relative bias + window mask (`full_attention_bias`);
-- reference: `reference_mode=True`, the reference's formulation: all positions at once, explicit
+- reference: `A2VFDM.use_reference_attention()`, the reference's formulation: all positions at once, explicit
   (P, 8, T, T) logits + bias + window mask, max-subtracted softmax.
 Each (method, T) runs in its own subprocess (torch.no_grad, float32, CPU). Peak = the process's peak
 resident memory during the first call minus its resident memory just before (Linux VmHWM reset through

@@ -61,7 +61,7 @@ VARIANTS = ("ours", "reference way")
 
 def build_models(preset: str, seed: int, device: str = "cpu"):
     """(LFG, A2VFDM) of a preset with the random weights of `seed` (both variants run these weights)."""
-    from dawn.render import build_models as build_preset
+    from dawn.config import build_models as build_preset
 
     models = build_preset(preset, seed)
     return models["lfg"].to(device).eval(), models["a2v"].to(device).eval()
@@ -220,13 +220,10 @@ def unet_gflop(preset: str, frames: int, reference_way: bool) -> float:
 
 
 def build_models_meta(preset: str):
-    from dawn.models.lfg import LFG, LFGConfig
-    from dawn.models.unet3d import A2VFDM, A2VConfig
+    from dawn.config import build_models as build_preset
 
-    with torch.device("meta"):
-        lfg = LFG(LFGConfig.preset(preset)).eval()
-        config = dataclasses.replace(A2VConfig.preset(preset), source_channels=lfg.config.latent_channels)
-        return lfg, A2VFDM(config).eval()
+    models = build_preset(preset, device="meta")
+    return models["lfg"].eval(), models["a2v"].eval()
 
 
 class LiveTensorBytes(TorchDispatchMode):

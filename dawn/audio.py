@@ -14,10 +14,8 @@ import numpy as np
 import torch
 
 from dawn import DawnError
+from dawn.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
-SAMPLE_RATE = 16000
-FPS = 25
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples = one 40 ms video frame
 HUBERT_DIM = 1024  # the A2V condition size is fixed at 1024 (ARCHITECTURE.md §3)
 HUBERT_HOP = 320  # conv feature encoder: total stride 320 samples (50 Hz) ...
 HUBERT_RECEPTIVE_FIELD = 400  # ... and receptive field 400 samples

@@ -13,7 +13,6 @@ The JSON holds {"class": "<registered model name>", "config": {...dataclass fiel
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import tempfile
@@ -23,21 +22,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dawn import DawnError, __version__
+from dawn.config import checkpoint_classes, resolve
 
-# Registered model classes: name -> "module:Class". Only these can be built from a checkpoint's JSON.
-MODEL_CLASSES = {
-    "LFG": "dawn.models.lfg:LFG",
-    "A2VFDM": "dawn.models.unet3d:A2VFDM",
-    "PBNet": "dawn.models.pbnet:PBNet",
-    "PatchDiscriminator1d": "dawn.models.pbnet:PatchDiscriminator1d",
-}
+# The registry's classes (dawn.config): only these can be built from a checkpoint's JSON.
+MODEL_CLASSES = checkpoint_classes()
+# Config fields older checkpoints may hold that no longer exist; ignored on load.
+RETIRED_FIELDS = {"A2VFDM": ("reference_mode",)}
 
 
 def _resolve(class_name: str):
     if class_name not in MODEL_CLASSES:
         raise DawnError(f"unknown model class {class_name!r} (known: {sorted(MODEL_CLASSES)})")
-    module, attr = MODEL_CLASSES[class_name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return resolve(MODEL_CLASSES[class_name])
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -80,7 +76,8 @@ def load_model(directory: str | Path, name: str, map_location: str = "cpu") -> t
     try:
         meta = json.loads(meta_path.read_text())
         cls = _resolve(meta["class"])
-        config = cls.config_class(**meta["config"])
+        fields = {k: v for k, v in meta["config"].items() if k not in RETIRED_FIELDS.get(meta["class"], ())}
+        config = cls.config_class(**fields)
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise DawnError(f"checkpoint config {meta_path} is not a dawn model config: {e}") from None
     model = cls(config)

@@ -15,7 +15,7 @@ COMMAND_MODULES = [
     "dawn.batch_render",  # dawn batch-render
     "dawn.data.synth",  # dawn synth-corpus
     "dawn.data.preprocess_job",  # dawn preprocess
-    "dawn.train.config",  # dawn train lfg|pbnet|a2v
+    "dawn.train.command",  # dawn train lfg|pbnet|a2v
     "dawn.serve.command",  # dawn serve
     "dawn.evaluation",  # dawn evaluate
     "dawn.demo",  # dawn demo

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from dawn import DawnError
+from dawn.config import FPS, SAMPLE_RATE
 
 STAGES = ("corpus", "hubert", "preprocess", "train-lfg", "train-pbnet-pose", "train-pbnet-blink",
           "train-a2v-stage1", "train-a2v-stage2", "checkpoints", "inputs", "batch-render", "serve", "evaluate")
@@ -412,7 +413,7 @@ class Demo:
             source = Path(index["videos"][video_id]["source_path"])
             frames, _ = read_video(source)
             cv2.imwrite(str(folder / f"{video_id}.png"), frames[0][:, :, ::-1])
-            soundfile.write(str(folder / f"{video_id}.wav"), load_audio(source), 16000)
+            soundfile.write(str(folder / f"{video_id}.wav"), load_audio(source), SAMPLE_RATE)
             rows.append({"id": f"heldout-{video_id}", "portrait": f"{video_id}.png", "audio": f"{video_id}.wav",
                          "seed": self.settings.seed, "video_id": video_id})
         # The same held-out speech on portraits of training identities, one per real face of the corpus.
@@ -435,13 +436,16 @@ class Demo:
 
     def stage_batch_render(self) -> dict:
         from dawn.batch_render import run_batch_render
+        from dawn.pipeline import RenderOptions
 
         self.ray()
         # One A2V-FDM actor per core, one row per batch: the rows have different lengths, so they cannot share a
         # sampling pass, and two renders run side by side.
+        options = RenderOptions(steps=self.settings.render_steps, eta=self.settings.render_eta,
+                                seed=self.settings.seed)
         results = run_batch_render(self.results["inputs"]["manifest"], self.paths["checkpoints"], self.paths["batch"],
-                                   steps=self.settings.render_steps, a2v_actors=max(1, min(2, os.cpu_count() or 1)),
-                                   a2v_batch=1, show_progress=False, eta=self.settings.render_eta)
+                                   options=options, a2v_actors=max(1, min(2, os.cpu_count() or 1)),
+                                   a2v_batch=1, show_progress=False)
         failed = [r for r in results if r["status"] == "failed"]
         if failed:
             raise DawnError(f"{len(failed)} of {len(results)} renders failed, first: {failed[0]['id']}: "
@@ -541,6 +545,7 @@ class Demo:
             "mlflow_run_id": result.mlflow_run_id,
             "lipsync_held_out": _mean_of(held_out, "lipsync"),
             "lipsync_unseen_speech": table["unseen-speech"]["lipsync"],
+            "lipsync_unseen_speech_serve": table.get("serve-unseen-speech", {}).get("lipsync"),
             "lipsync_held_out_speech_training_portraits": _mean_of(
                 [row for key, row in table.items() if key.startswith("trainportrait-")], "lipsync"),
             "lipsync_ground_truth_videos": float(np.mean(ground_truth_proxy)) if ground_truth_proxy else None,
@@ -572,7 +577,7 @@ class Demo:
             frames = torch.cat([lfg(real[:1].expand(len(chunk), -1, -1, -1), chunk)["prediction"]
                                 for chunk in real.split(32)])
         frames = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        write_mp4(self.paths["evaluation"] / "lfg_reconstruction.mp4", frames, fps=25, audio=truth["audio"])
+        write_mp4(self.paths["evaluation"] / "lfg_reconstruction.mp4", frames, fps=FPS, audio=truth["audio"])
         mouth = analyze_frames(frames)["mouth_opening"]
         score = lip_sync_proxy(mouth, truth["audio"])["correlation"]
         self.say(f"  LFG reconstruction of {video_id} from its first frame: lip-sync proxy {score:.3f}")
@@ -660,7 +665,8 @@ class Demo:
                                                        "lipsync_ground_truth_videos", "lipsync_lfg_reconstruction",
                                                        "mouth_corr_gt_held_out", "identity_mean",
                                                        "identity_held_out_portrait",
-                                                       "identity_other_person", "serve_vs_batch_mean_abs_diff")},
+                                                       "identity_other_person", "serve_vs_batch_mean_abs_diff",
+                                                       "lipsync_unseen_speech_serve")},
             "training_losses": evaluation.get("training_losses", {}),
             "metrics_table": evaluation.get("metrics_markdown"),
             "mlflow": {"tracking_uri": self.mlflow_uri, "experiment": EXPERIMENT,
@@ -695,7 +701,8 @@ class Demo:
         ]
         if m["serve_vs_batch_mean_abs_diff"] is not None:
             lines.append(f"Serve vs batch render of the same pair: mean abs pixel difference "
-                         f"{m['serve_vs_batch_mean_abs_diff']:.3f}")
+                         f"{m['serve_vs_batch_mean_abs_diff']:.3f}, lip-sync proxy "
+                         f"{fmt(m['lipsync_unseen_speech_serve'])} vs {fmt(m['lipsync_unseen_speech'])}")
         if summary["training_losses"]:
             lines.append("Training loss (first -> last logged): " + ", ".join(
                 f"{stage.removeprefix('train-')} {first:.4g} -> {last:.4g}"

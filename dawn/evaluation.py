@@ -9,7 +9,7 @@ truth where there is one):
   stage methods (PBNet motion, or the ground-truth pose/blink with `ground_truth_motion`); the ground-truth
   frames, pose, eye ratios and mouth opening come from the shard.
 - `manifest_items`: a CSV/JSONL manifest (id, portrait, audio, optional pose_video, seed) rendered with
-  `RenderPipeline.render_arrays`; there is no ground truth (identity is measured against the portrait crop).
+  `RenderPipeline.render`; there is no ground truth (identity is measured against the portrait crop).
 - `video_items`: already rendered mp4s (with their audio track); the portrait is each video's first frame,
   or, with a reference folder holding ground-truth videos of the same names, the reference's first frame.
 
@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from dawn import DawnError
+from dawn.config import FPS, SAMPLES_PER_FRAME
 
-FPS = 25
-SAMPLES_PER_FRAME = 640
 DR_LENGTHS = (25, 50)
 # Per-video table columns (a missing measure is None): name -> description (for the report).
 COLUMNS = {
@@ -50,6 +49,13 @@ COLUMNS = {
     "pose_mae": "mean abs error of yaw/pitch/roll vs ground truth (degrees)",
     "pose_std_ratio": "std(generated) / std(ground truth) of yaw/pitch/roll, averaged",
     "pose_corr": "Pearson correlation of yaw/pitch/roll with the ground truth, averaged",
+    "pose_jitter": "jitter of the measured yaw/pitch/roll: mean |x[t+1] - 2 x[t] + x[t-1]| * fps^2 (deg/s^2), averaged",
+    "pose_jitter_gt": "the same for the ground truth",
+    "pose_jitter_ratio": "pose_jitter / pose_jitter_gt (1 = as smooth as the truth)",
+    "pose_jitter_requested": "the same jitter of the pose the renderer was asked for (PBNet's or the driving video's)",
+    "landmark_jitter": "jitter of the 478 face landmarks (x, y), averaged (pixels/s^2)",
+    "landmark_jitter_gt": "the same for the ground-truth frames",
+    "landmark_jitter_ratio": "landmark_jitter / landmark_jitter_gt",
     "csim": "ArcFace cosine similarity to the ground-truth frames (or the portrait)",
     "lse_c": "SyncNet confidence (LSE-C)",
     "lse_d": "SyncNet distance (LSE-D)",
@@ -125,11 +131,11 @@ class EvaluationSettings:
 # ----------------------------------------------------------------------------------------------------
 # Sources
 
-def _render_options(settings: EvaluationSettings, crop: str, seed: int | None = None):
+def _render_options(settings: EvaluationSettings, crop: str):
     from dawn.pipeline import RenderOptions
 
-    return RenderOptions(steps=settings.steps, sampler=settings.sampler, seed=settings.seed if seed is None else seed,
-                         crop=crop, decode_batch=settings.decode_batch)
+    return RenderOptions(steps=settings.steps, sampler=settings.sampler, seed=settings.seed, crop=crop,
+                         decode_batch=settings.decode_batch)
 
 
 def _test_videos(shards_dir: str | Path, max_frames: int | None) -> Iterator[dict]:
@@ -168,7 +174,7 @@ def shard_items(shards_dir: str | Path, pipeline, settings: EvaluationSettings) 
     `pipeline`: a dawn.pipeline.RenderPipeline holding PBNet (unless ground_truth_motion), A2V-FDM and LFG.
     The source state (pose, eye ratios, face box) is the shard's measurement of frame 0, as in training.
     """
-    from dawn.pipeline import Motion, Portrait
+    from dawn.pipeline import Motion, Portrait, RenderState
 
     count = 0
     for video in _test_videos(shards_dir, settings.max_frames):
@@ -180,13 +186,12 @@ def shard_items(shards_dir: str | Path, pipeline, settings: EvaluationSettings) 
         hubert = video["hubert"].astype(np.float32)
         portrait = Portrait(image=video["frames"][0], pose=video["pose"][0].astype(np.float32),
                             eyes=video["eyes"][0].astype(np.float32), face_box=video["face_box"][0].astype(np.float32))
+        state = RenderState(options=_render_options(settings, crop="none"), name=video["video_id"],
+                            waveform=video["audio"], portrait=portrait, hubert=hubert)
         if settings.ground_truth_motion:
-            motion = Motion(pose=video["pose"].astype(np.float32), eyes=video["eyes"].astype(np.float32))
-        else:
-            motion = pipeline.sample_motion(portrait, hubert, seed=settings.seed)
-        options = _render_options(settings, crop="none")
-        flows = pipeline.sample_flows(portrait, hubert, motion, options)
-        frames = pipeline.decode_frames(portrait, flows, batch_size=settings.decode_batch)
+            state.motion = Motion(pose=video["pose"].astype(np.float32), eyes=video["eyes"].astype(np.float32))
+        state = pipeline.render(state)
+        frames, motion = state.frames, state.motion
         count += 1
         yield EvalItem(id=video["video_id"], frames=frames, waveform=video["audio"], portrait=video["frames"][0],
                        real_frames=video["frames"], real_pose=video["pose"], real_eyes=video["eyes"],
@@ -195,25 +200,22 @@ def shard_items(shards_dir: str | Path, pipeline, settings: EvaluationSettings) 
 
 def manifest_items(manifest: str | Path, pipeline, settings: EvaluationSettings) -> Iterator[EvalItem]:
     """Render each row of a batch-render manifest (id, portrait, audio, optional pose_video and seed)."""
-    from dawn.audio import load_audio
     from dawn.batch_render import check_row, read_manifest
-    from dawn.face import load_image
-    from dawn.pipeline import load_pose_frames
+    from dawn.pipeline import RenderState
 
     rows, seen = read_manifest(manifest), set()
     for number, row in enumerate(rows[:settings.max_videos], 1):
-        problem = check_row(row, seen)
+        problem = check_row(row, seen, _render_options(settings, "face"))
         if problem:
             raise DawnError(f"{manifest} row {number}: {problem}")
         seen.add(row["id"])
-        image, waveform = load_image(row["portrait"]), load_audio(row["audio"])
+        state = pipeline.inputs(RenderState.from_files(row["portrait"], row["audio"], row["pose_video"],
+                                                       options=row["options"], name=row["id"]))
         if settings.max_frames is not None:
-            waveform = waveform[:settings.max_frames * SAMPLES_PER_FRAME]
-        pose_frames = load_pose_frames(row["pose_video"]) if row["pose_video"] else None
-        frames, info = pipeline.render_arrays(image, waveform, _render_options(settings, "face", row["seed"]),
-                                              pose_frames=pose_frames, name=row["portrait"])
-        yield EvalItem(id=row["id"], frames=frames, waveform=waveform, portrait=info["portrait"].image,
-                       requested_pose=info["motion"].pose, notes=list(info["notes"]))
+            state.waveform = state.waveform[:settings.max_frames * SAMPLES_PER_FRAME]
+        state = pipeline.render(state)
+        yield EvalItem(id=row["id"], frames=state.frames, waveform=state.waveform, portrait=state.portrait.image,
+                       requested_pose=state.motion.pose, notes=list(state.notes))
 
 
 def video_items(videos_dir: str | Path, reference_dir: str | Path | None = None,
@@ -268,6 +270,10 @@ def _mean(values) -> float | None:
     return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else None
 
 
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or not reference else value / reference
+
+
 def score_item(item: EvalItem, networks: MetricNetworks, identity_frames: int = 16) -> VideoScore:
     """All per-video measures of one item; face-based ones are None (with a note) when no face is found."""
     from dawn.metrics import frechet, identity, lipsync, motion
@@ -299,7 +305,18 @@ def score_item(item: EvalItem, networks: MetricNetworks, identity_frames: int = 
             row["identity"], details["identity"] = similarity["identity"], similarity
         except DawnError as error:
             details["notes"].append(f"offline identity: {error}")
+        row["pose_jitter"] = _mean(motion.jitter(analysis["pose"][:, :3]))
+        row["landmark_jitter"] = _mean(motion.jitter(analysis["landmarks"][:, :, :2].reshape(length, -1)))
+        if item.real_frames is not None:
+            try:
+                real = lipsync.analyze_frames(np.asarray(item.real_frames[:length]))
+                row["landmark_jitter_gt"] = _mean(motion.jitter(real["landmarks"][:, :, :2].reshape(len(real["landmarks"]), -1)))
+                row["landmark_jitter_ratio"] = _ratio(row["landmark_jitter"], row["landmark_jitter_gt"])
+            except DawnError as error:
+                details["notes"].append(f"ground-truth frames: {error}; landmark jitter of the truth skipped")
         if item.real_pose is not None:
+            row["pose_jitter_gt"] = _mean(motion.jitter(item.real_pose[:length, :3]))
+            row["pose_jitter_ratio"] = _ratio(row["pose_jitter"], row["pose_jitter_gt"])
             stats = motion.track_statistics(analysis["pose"][:, :3], item.real_pose[:, :3])
             details["pose"] = {key: dict(zip(ANGLES, np.round(value, 6).tolist())) for key, value in stats.items()}
             row["pose_mae"], row["pose_std_ratio"], row["pose_corr"] = (
@@ -314,6 +331,8 @@ def score_item(item: EvalItem, networks: MetricNetworks, identity_frames: int = 
         row["blink_per_s_gt"] = motion.blinks_per_second(item.real_eyes)
     if item.real_pose is not None:
         row["bas_gt"] = motion.head_motion_bas(item.real_pose, waveform)
+    if item.requested_pose is not None:
+        row["pose_jitter_requested"] = _mean(motion.jitter(np.asarray(item.requested_pose)[:, :3]))
     if networks.syncnet is not None:
         scores = networks.syncnet(frames, waveform)
         row["lse_c"], row["lse_d"], details["sync_offset"] = scores.lse_c, scores.lse_d, scores.offset
@@ -447,7 +466,8 @@ def plot_video(score: VideoScore, plots_dir: Path) -> list[Path]:
                           linestyle="--" if name == "requested_pose" else "-")
         axis.set_ylabel(f"{angle} (deg)")
     axes[0].legend(loc="upper right", fontsize=8)
-    axes[0].set_title(f"{video_id}: head pose (corr with ground truth {_fmt(score.row['pose_corr'])})")
+    axes[0].set_title(f"{video_id}: head pose (corr with ground truth {_fmt(score.row['pose_corr'])}; jitter "
+                      f"{_fmt(score.row['pose_jitter'])} deg/s^2, ground truth {_fmt(score.row['pose_jitter_gt'])})")
     axes[-1].set_xlabel("time (s)")
     written.append(plots_dir / f"{video_id}_pose.png")
     FigureCanvasAgg(figure).print_png(str(written[-1]))
@@ -604,17 +624,17 @@ def run_from_args(args) -> EvaluationResult:
     if args.videos:
         items = video_items(args.videos, args.reference, settings.max_frames, settings.max_videos)
     else:
-        from dawn.pipeline import RenderPipeline
+        from dawn.pipeline import STAGES, RenderPipeline
 
         if not args.checkpoints:
             raise DawnError("--checkpoints DIR is needed to render --shards or --manifest")
         if args.shards:
-            stages = ("a2v",) if args.ground_truth_motion else ("pbnet", "a2v")
+            stages = ("frames",) if args.ground_truth_motion else ("motion", "frames")
             pipeline = RenderPipeline.from_checkpoints(args.checkpoints, stages=stages, device=args.device)
             items = shard_items(args.shards, pipeline, settings)
         else:
             pipeline = RenderPipeline.from_checkpoints(args.checkpoints, hubert_dir=args.hubert, device=args.device,
-                                                       stages=("features", "pbnet", "a2v"))
+                                                       stages=STAGES)
             items = manifest_items(args.manifest, pipeline, settings)
     result = evaluate_items(items, args.out, networks, settings, params, tracking_uri=args.tracking_uri,
                             experiment=args.experiment, run_name=args.run_name)

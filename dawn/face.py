@@ -12,7 +12,11 @@ The measures replace the reference's FaceBoxes + 3DDFA_V2 analysis (ARCHITECTURE
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +91,36 @@ class PortraitAnalysis:
 # ----------------------------------------------------------------------------------------------------
 # Detection
 
+_STDERR_LOCK = threading.Lock()
+# mediapipe 0.10's own use of a deprecated protobuf call; nothing a user can change
+warnings.filterwarnings("ignore", message=r"SymbolDatabase\.GetPrototype\(\) is deprecated", category=UserWarning)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null: mediapipe's C++ side writes start-up lines a user cannot act on
+    ("Created TensorFlow Lite XNNPACK delegate", "Feedback manager requires a model with a single signature
+    inference") straight to it when a graph is built and first run."""
+    with _STDERR_LOCK:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+
+def _first_run(make_graph, image: np.ndarray):
+    """(graph, its result on `image`): a new mediapipe graph and its first run, with the native start-up
+    chatter silenced (later runs print nothing)."""
+    with _native_stderr_silenced():
+        graph = make_graph()
+        return graph, graph.process(image)
+
+
 def _face_mesh(static_image_mode: bool, max_num_faces: int):
     import mediapipe as mp
 
@@ -112,24 +146,29 @@ def _face_boxes(image: np.ndarray) -> np.ndarray:
     """Faces found by mediapipe's full-range face detector: (F, 4) [x0, y0, x1, y1] in `image`'s pixels."""
     import mediapipe as mp
 
-    if not hasattr(_local, "detector"):
-        _local.detector = mp.solutions.face_detection.FaceDetection(model_selection=1,
-                                                                    min_detection_confidence=0.5)
     height, width = image.shape[:2]
     factor = min(1.0, DETECTION_MAX_SIDE / max(height, width))
     small = image if factor == 1.0 else cv2.resize(image, (max(1, round(width * factor)),
                                                            max(1, round(height * factor))),
                                                    interpolation=cv2.INTER_AREA)
-    boxes = [d.location_data.relative_bounding_box for d in _local.detector.process(small).detections or []]
+    if hasattr(_local, "detector"):
+        result = _local.detector.process(small)
+    else:
+        _local.detector, result = _first_run(
+            lambda: mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=0.5), small)
+    boxes = [d.location_data.relative_bounding_box for d in result.detections or []]
     return np.array([[b.xmin * width, b.ymin * height, (b.xmin + b.width) * width, (b.ymin + b.height) * height]
                      for b in boxes], dtype=np.float32).reshape(-1, 4)
 
 
 def _mesh_points(image: np.ndarray) -> np.ndarray | None:
     """(478, 3) pixel landmarks of the most prominent face in `image` (static-mode face mesh), or None."""
-    if not hasattr(_local, "static_mesh"):
-        _local.static_mesh = _face_mesh(static_image_mode=True, max_num_faces=1)
-    faces = _local.static_mesh.process(np.ascontiguousarray(image)).multi_face_landmarks
+    image = np.ascontiguousarray(image)
+    if hasattr(_local, "static_mesh"):
+        result = _local.static_mesh.process(image)
+    else:
+        _local.static_mesh, result = _first_run(lambda: _face_mesh(static_image_mode=True, max_num_faces=1), image)
+    faces = result.multi_face_landmarks
     return _to_pixels(faces[0], *image.shape[:2]) if faces else None
 
 
@@ -430,9 +469,12 @@ def analyze_video_frames(frames: np.ndarray) -> dict[str, np.ndarray]:
     num, height, width = frames.shape[:3]
     landmarks = np.zeros((num, NUM_LANDMARKS, 3), dtype=np.float32)
     found = np.zeros(num, dtype=bool)
-    with _face_mesh(static_image_mode=False, max_num_faces=1) as mesh:
+    mesh, first = _first_run(lambda: _face_mesh(static_image_mode=False, max_num_faces=1),
+                             np.ascontiguousarray(frames[0]))
+    with mesh:
         for index in range(num):  # mediapipe tracks frame by frame
-            faces = mesh.process(np.ascontiguousarray(frames[index])).multi_face_landmarks
+            result = first if index == 0 else mesh.process(np.ascontiguousarray(frames[index]))
+            faces = result.multi_face_landmarks
             if faces:
                 landmarks[index], found[index] = _to_pixels(faces[0], height, width), True
     if not found.any():

@@ -3,41 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from dawn import DawnError
-from dawn.pipeline import SAMPLERS, RenderOptions, RenderPipeline, render_files
-
-CHECKPOINT_NAMES = ("lfg", "a2v", "pbnet_pose", "pbnet_blink")
-
-
-def build_models(preset: str, seed: int = 0) -> dict:
-    """Randomly initialised networks of a preset that fit together (same image size and latent)."""
-    import dataclasses
-
-    import torch
-
-    from dawn.models.lfg import LFG, LFGConfig
-    from dawn.models.pbnet import PBNet, PBNetConfig
-    from dawn.models.unet3d import A2VFDM, A2VConfig
-
-    torch.manual_seed(seed)
-    lfg = LFG(LFGConfig.preset(preset))
-    a2v_config = dataclasses.replace(A2VConfig.preset(preset), source_channels=lfg.config.latent_channels)
-    pbnet_preset = {"tiny": "tiny-{}"}.get(preset, "{}")
-    return {
-        "lfg": lfg,
-        "a2v": A2VFDM(a2v_config),
-        "pbnet_pose": PBNet(PBNetConfig.preset(pbnet_preset.format("pose"))),
-        "pbnet_blink": PBNet(PBNetConfig.preset(pbnet_preset.format("blink"))),
-    }
-
+from dawn.pipeline import SAMPLERS, RenderOptions, RenderPipeline, RenderState, write_video
 
 def init_checkpoints(directory: str | Path, preset: str = "tiny", seed: int = 0, hubert: bool = True) -> Path:
     """Write randomly initialised dawn checkpoints of `preset` (+ a tiny random HuBERT) to `directory`."""
     from dawn.audio import save_random_hubert
     from dawn.checkpoint import save_model
+    from dawn.config import build_models
 
     directory = Path(directory)
     for name, model in build_models(preset, seed).items():
@@ -47,11 +24,21 @@ def init_checkpoints(directory: str | Path, preset: str = "tiny", seed: int = 0,
     return directory
 
 
+def render_options(args: argparse.Namespace) -> RenderOptions:
+    """The RenderOptions of parsed `dawn render` flags (OptionError names a bad value)."""
+    return RenderOptions.from_fields({name: getattr(args, name) for name in RenderOptions.FIELDS
+                                      if getattr(args, name, None) is not None})
+
+
 def _render_command(args: argparse.Namespace) -> int:
+    options = render_options(args)  # a bad option stops here, before any model is loaded
     official = [args.official_lfg, args.official_a2v, args.official_pbnet_pose, args.official_pbnet_blink]
     if any(official) and not all(official):
         raise DawnError("--official-lfg, --official-a2v, --official-pbnet-pose and --official-pbnet-blink "
                         "must be given together")
+    for path, what in ((args.portrait, "portrait"), (args.audio, "audio"), (args.pose_from, "pose video")):
+        if path is not None and not Path(path).is_file():
+            raise DawnError(f"{what} file not found: {path}")
     if all(official):
         if args.hubert is None:
             raise DawnError("official checkpoints need --hubert DIR (facebook/hubert-large-ls960-ft files)")
@@ -62,18 +49,39 @@ def _render_command(args: argparse.Namespace) -> int:
                                                    dtype=args.dtype)
     else:
         raise DawnError("give --checkpoints DIR (dawn checkpoints) or the four --official-* files")
-    for path, what in ((args.portrait, "portrait"), (args.audio, "audio")):
-        if not Path(path).is_file():
-            raise DawnError(f"{what} file not found: {path}")
-    options = RenderOptions(steps=args.steps, eta=args.eta, seed=args.seed, sampler=args.sampler, crop=args.crop,
-                            decode_batch=args.decode_batch)
-    info = render_files(pipeline, args.portrait, args.audio, args.out, options, pose_video=args.pose_from,
-                        progress_bars=not args.quiet)
-    for note in info["notes"]:
+    state = RenderState.from_files(args.portrait, args.audio, args.pose_from, options=options)
+    with _progress_bars(enabled=not args.quiet) as progress:
+        state = pipeline.render(state, progress=progress)
+    write_video(state, args.out)
+    for note in state.notes:
         print(f"note: {note}", file=sys.stderr)
-    timing = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in info["timings"].items())
-    print(f"wrote {args.out}: {info['frames']} frames at 25 fps ({timing})")
+    timing = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in state.timings.items())
+    print(f"wrote {args.out}: {state.num_frames} frames at 25 fps ({timing})")
     return 0
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """A progress(what, done, total) callback drawing one tqdm bar per kind of work, or None."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(what: str, done: int, total: int) -> None:
+        if what not in bars:
+            bars[what] = tqdm(total=total, desc=what, unit="step" if what == "sampling" else "frame")
+        bar = bars[what]
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def _init_command(args: argparse.Namespace) -> int:
@@ -93,15 +101,22 @@ def register_cli(subparsers) -> None:
     p.add_argument("--official-pbnet-pose", help="official pbnet_seperate/pose/checkpoint_*.pth.tar")
     p.add_argument("--official-pbnet-blink", help="official pbnet_seperate/blink/checkpoint_*.pth.tar")
     p.add_argument("--hubert", help="HuBERT model folder (default: CHECKPOINTS/hubert)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0, as the reference)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--seed", type=int, default=0)
+    defaults = RenderOptions()
+    p.add_argument("--steps", type=int, default=defaults.steps, help=f"sampling steps (default {defaults.steps})")
+    p.add_argument("--eta", type=float, default=defaults.eta,
+                   help="DDIM eta, 0 (deterministic) to 1 (default, the reference's)")
+    p.add_argument("--sampler", default=defaults.sampler, help=f"{' or '.join(SAMPLERS)} (default {defaults.sampler})")
+    p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--pose-from", help="take head pose and blinks from this video instead of PBNet")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--crop", choices=("face", "none"), default="face")
+    p.add_argument("--crop", default=defaults.crop,
+                   help="face (crop around the face, default) or none (the whole image resized, as the reference)")
     p.add_argument("--decode-batch", type=int, help="frames decoded per LFG batch (default 4 on CPU, 32 on CUDA)")
+    p.add_argument("--paste-back", action="store_true",
+                   help="write the whole portrait at its resolution with the rendered head blended in")
+    p.add_argument("--max-side", type=int, default=defaults.max_side,
+                   help=f"with --paste-back: the video's longer side at most this (default {defaults.max_side})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_render_command)
 

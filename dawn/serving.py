@@ -2,10 +2,11 @@
 the render sequence (`dawn serve` itself is dawn/serve/command.py).
 
 The Serve app (dawn/serve/app.py) is a thin layer over this module: its deployments hold `RenderPipeline`s and
-run the stages; its ingress holds one `RenderService`, which validates uploads, admits or refuses renders
-(503 + Retry-After when the queue is full), runs each accepted render as a background task through a
-`RenderStages` object (the deployment handles), and writes the mp4 and a status JSON atomically to the
-output directory:
+run the stages of dawn.pipeline; its ingress holds one `RenderService`, which checks the options and the
+uploads, admits or refuses renders (503 + Retry-After when the queue is full), runs the `inputs` stage before
+answering (so bad media is a 4xx), the other stages in the background through a `RenderStages` object (the
+deployment handles; states cross as `RenderState.to_bytes()`), and writes the mp4 and a status JSON
+atomically to the output directory:
 
     POST /v1/renders     -> RenderService.submit   (202 + render id; 4xx for bad input; 503 when full)
     GET  /v1/renders/ID  -> RenderService.status   (queued / running / done / failed, progress, error)
@@ -18,13 +19,13 @@ a JSON body naming the problem.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
 import logging
 import math
 import re
-import tempfile
 import threading
 import time
 import uuid
@@ -33,14 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
 from dawn import DawnError
-from dawn.pipeline import SAMPLERS, Motion, Portrait, RenderOptions, RenderPipeline
+from dawn.config import SAMPLE_RATE
+from dawn.pipeline import SAMPLERS, STAGES, Media, RenderOptions, RenderState, write_video
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 STATUSES = ("queued", "running", "done", "failed")
 RENDER_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -143,19 +142,34 @@ class ServeLimits:
     max_active_renders: int = 4  # renders in the pipeline at once (the rest wait, status "queued")
     max_queued_renders: int = 16  # waiting renders; one more is refused with 503 + Retry-After
     max_steps: int = 100  # sampling steps a request may ask for
+    max_output_side: int = 1920  # paste-back videos: the longer side a request may ask for
     default_steps: int = 20
     default_eta: float = 1.0  # DDIM eta of requests that name none (1: the reference's stochastic DDIM)
     default_sampler: str = "ddim"
     retry_after_s: int = 10  # Retry-After before any render has finished (later: from measured durations)
 
     def __post_init__(self):
-        for name in ("max_upload_bytes", "max_active_renders", "max_steps", "default_steps", "retry_after_s"):
+        for name in ("max_upload_bytes", "max_active_renders", "max_steps", "default_steps", "retry_after_s",
+                     "max_output_side"):
             if getattr(self, name) < 1:
                 raise DawnError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
         if self.max_queued_renders < 0 or self.max_audio_seconds <= 0:
             raise DawnError("serve limits max_queued_renders must be >= 0 and max_audio_seconds > 0")
         if not 0 <= self.default_eta <= 1 or self.default_sampler not in SAMPLERS:
             raise DawnError(f"serve limits: default_eta must be in [0, 1] and default_sampler one of {SAMPLERS}")
+
+    def options(self, fields: dict) -> RenderOptions:
+        """A request's RenderOptions from its form fields (those absent take the limits' defaults);
+        OptionError names a bad value, RequestError steps above max_steps."""
+        base = RenderOptions(steps=self.default_steps, eta=self.default_eta, sampler=self.default_sampler)
+        options = RenderOptions.from_fields(fields, base=base)
+        if options.steps > self.max_steps:
+            raise RequestError(f"steps must be at most {self.max_steps} here, got {options.steps}", 422)
+        if "max_side" not in fields or fields["max_side"] in (None, ""):
+            options = dataclasses.replace(options, max_side=min(options.max_side, self.max_output_side))
+        elif options.max_side > self.max_output_side:
+            raise RequestError(f"max_side must be at most {self.max_output_side} here, got {options.max_side}", 422)
+        return options
 
     @classmethod
     def from_args(cls, args: dict) -> "ServeLimits":
@@ -167,166 +181,45 @@ class ServeLimits:
             raise DawnError(f"bad serve limit: {e}") from None
 
 
-def render_options(seed: int | None, steps: int | None, limits: ServeLimits, eta: float | None = None,
-                   sampler: str | None = None) -> RenderOptions:
-    """Check a request's seed, steps, DDIM eta and sampler against the limits -> RenderOptions."""
-    steps = limits.default_steps if steps is None else steps
-    seed = 0 if seed is None else seed
-    eta = limits.default_eta if eta is None else eta
-    sampler = limits.default_sampler if sampler is None else sampler
-    if not 1 <= steps <= limits.max_steps:
-        raise RequestError(f"steps must be between 1 and {limits.max_steps}, got {steps}")
-    if not 0 <= seed < 2**63:
-        raise RequestError(f"seed must be a non-negative 64-bit integer, got {seed}")
-    if not 0 <= eta <= 1:
-        raise RequestError(f"eta must be between 0 and 1, got {eta}")
-    if sampler not in SAMPLERS:
-        raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    return RenderOptions(steps=steps, seed=seed, eta=eta, sampler=sampler)
-
-
 # ----------------------------------------------------------------------------------------------------
-# Uploads -> checked inputs (runs in the Features replica)
+# Uploads
 
-@dataclass
-class Upload:
-    """One uploaded file: the form field it came in, the client's file name, the bytes."""
-
-    field: str
-    filename: str
-    data: bytes
+def upload(role: str, filename: str | None, data: bytes) -> Media:
+    """An uploaded file as a render input."""
+    return Media(role=role, name=filename or role, data=data)
 
 
-@dataclass
-class PreparedRender:
-    """Checked inputs of one render: the analysed portrait, 16 kHz speech, optional driving frames."""
-
-    portrait: Portrait
-    waveform: np.ndarray  # (N,) float32, 16 kHz mono
-    pose_frames: np.ndarray | None  # (F, H, W, 3) uint8 or None
-
-    @property
-    def num_frames(self) -> int:
-        from dawn.audio import num_frames
-
-        return num_frames(len(self.waveform))
-
-
-def check_upload_size(upload: Upload, limits: ServeLimits) -> None:
-    if len(upload.data) == 0:
-        raise RequestError(f"{upload.field} upload {upload.filename!r} is empty")
-    if len(upload.data) > limits.max_upload_bytes:
-        raise RequestError(f"{upload.field} upload {upload.filename!r} is larger than the limit of "
+def check_upload_size(media: Media, limits: ServeLimits) -> None:
+    if not media.data:
+        raise RequestError(f"{media.role} upload {media.name!r} is empty")
+    if len(media.data) > limits.max_upload_bytes:
+        raise RequestError(f"{media.role} upload {media.name!r} is larger than the limit of "
                            f"{limits.max_upload_bytes} bytes", 413)
 
 
-def decode_upload(upload: Upload, decode, what: str):
-    """Run `decode(path)` on the upload written to a temporary file. Any failure to read the client's bytes
-    is the client's problem (422), with a message naming the field instead of the temporary path."""
-    suffix = re.sub(r"[^A-Za-z0-9.]", "", Path(upload.filename or "").suffix)[:12]
-    with tempfile.TemporaryDirectory(prefix="dawn-upload-") as tmp:
-        path = Path(tmp) / f"{upload.field}{suffix}"
-        path.write_bytes(upload.data)
-        try:
-            return decode(path)
-        except Exception as e:  # decoders raise DawnError, but garbage bytes may trip any library error
-            message = str(e).replace(str(path), upload.filename)
-            if not isinstance(e, DawnError):
-                message = f"{upload.filename} is not a readable {what} ({type(e).__name__}: {message})"
-            message = f"{upload.field} upload: {message}"
-            raise RequestError(message, 422) from None
-
-
-def prepare_render(pipeline: RenderPipeline, portrait: Upload, audio: Upload, pose_video: Upload | None,
-                   resolution: int, limits: ServeLimits) -> PreparedRender:
-    """Decode and check the uploads: the image must hold a face, the audio must be speech-length audio
-    no longer than the limit, the pose video must decode. Raises RequestError (4xx) naming the problem."""
-    from dawn.audio import load_audio
-    from dawn.face import load_image
-    from dawn.pipeline import load_pose_frames
-
-    for upload in (portrait, audio, pose_video):
-        if upload is not None:
-            check_upload_size(upload, limits)
-    image = decode_upload(portrait, load_image, "image")
-    try:
-        analysed = pipeline.analyze_portrait(image, resolution=resolution, name=f"portrait {portrait.filename!r}")
-    except DawnError as e:
-        raise RequestError(str(e), 422) from None
-    waveform = decode_upload(audio, load_audio, "audio file")
-    seconds = len(waveform) / SAMPLE_RATE
+def check_decoded(state: RenderState, limits: ServeLimits) -> None:
+    """The limits on decoded inputs: speech no longer than max_audio_seconds."""
+    seconds = len(state.waveform) / SAMPLE_RATE
     if seconds > limits.max_audio_seconds:
-        raise RequestError(f"audio upload {audio.filename!r} is {seconds:.1f} s long; the limit is "
+        raise RequestError(f"audio upload {state.inputs['audio'].name!r} is {seconds:.1f} s long; the limit is "
                            f"{limits.max_audio_seconds:g} s", 422)
-    pose_frames = None
-    if pose_video is not None:
-        pose_frames = decode_upload(pose_video, load_pose_frames, "video")
-        if len(pose_frames) == 0:
-            raise RequestError(f"pose_video upload {pose_video.filename!r} has no frames", 422)
-    return PreparedRender(portrait=analysed, waveform=waveform, pose_frames=pose_frames)
 
 
-def locate_face(portrait: Upload, limits: ServeLimits) -> dict:
+def locate_face(portrait: Media, limits: ServeLimits) -> dict:
     """Where the render's crop lies in an uploaded portrait (for the web page's preview): the crop box
     (x0, y0, x1, y1) in the image's pixels, the image size and the number of faces. RequestError (4xx) when
     the upload is not an image or holds no face."""
     from dawn.face import analyze_portrait, load_image
 
     check_upload_size(portrait, limits)
-    image = decode_upload(portrait, load_image, "image")
+    image = portrait.decode(load_image, "image")
     try:
-        analysis = analyze_portrait(image, size=64, crop="face", name=f"portrait {portrait.filename!r}")
+        analysis = analyze_portrait(image, size=64, crop="face", name=f"portrait {portrait.name!r}")
     except DawnError as e:
         raise RequestError(f"portrait upload: {e}", 422) from None
     height, width = image.shape[:2]
     return {"crop_box": [int(v) for v in analysis.crop_box], "width": int(width), "height": int(height),
             "faces": int(analysis.num_faces)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# A2V-FDM work of several requests, batched where shapes allow (runs in the A2V-FDM replica)
-
-@dataclass
-class FramesRequest:
-    """Everything the A2V-FDM + LFG stage needs for one render."""
-
-    portrait: Portrait
-    hubert: np.ndarray  # (T, 1024)
-    motion: Motion
-    options: RenderOptions
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys share one sampling pass (same frame count, resolution, sampler)."""
-        o = self.options
-        return (self.hubert.shape[0], self.portrait.image.shape, o.steps, o.sampler, o.eta, o.cond_scale)
-
-
-def render_frames_batched(pipeline: RenderPipeline, requests: list[FramesRequest],
-                          max_batch: int | None = None) -> list[np.ndarray | BaseException]:
-    """Frames (T, S, S, 3) uint8 for each request, in order. Requests of the same batch key are sampled
-    together (`RenderPipeline.sample_flows_batch`, each with its own seed, so a request's frames do not
-    depend on what it was batched with); each is then decoded on its own. A failure is returned in the
-    request's place (a whole group fails together) instead of being raised."""
-    results: list[np.ndarray | BaseException | None] = [None] * len(requests)
-    groups: dict[tuple, list[int]] = {}
-    for i, request in enumerate(requests):
-        groups.setdefault(request.batch_key(), []).append(i)
-    for indices in groups.values():
-        step = max_batch or len(indices)
-        for start in range(0, len(indices), step):
-            chunk = indices[start:start + step]
-            chosen = [requests[i] for i in chunk]
-            try:
-                flows = pipeline.sample_flows_batch([r.portrait for r in chosen], [r.hubert for r in chosen],
-                                                    [r.motion for r in chosen], chosen[0].options,
-                                                    seeds=[r.options.seed for r in chosen])
-                for k, i in enumerate(chunk):
-                    results[i] = pipeline.decode_frames(requests[i].portrait, flows[k:k + 1],
-                                                        batch_size=requests[i].options.decode_batch)
-            except Exception as e:  # noqa: BLE001 - handed back to each caller of the group
-                for i in chunk:
-                    results[i] = e
-    return results
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -464,21 +357,30 @@ class JobTable:
 # The service
 
 class RenderStages(Protocol):
-    """Where the stages run: Serve deployment handles in dawn/serve/app.py, or anything with these methods."""
+    """Where the stages run: Serve deployment handles in dawn/serve/app.py, or anything with these methods.
+    `run` takes and returns a `RenderState.to_bytes()`."""
 
-    async def resolution(self) -> int: ...
-    async def prepare(self, portrait: Upload, audio: Upload, pose_video: Upload | None, resolution: int,
-                      limits: ServeLimits) -> PreparedRender: ...
-    async def locate_face(self, portrait: Upload, limits: ServeLimits) -> dict: ...
-    async def audio_features(self, waveform: np.ndarray) -> np.ndarray: ...
-    async def sample_motion(self, portrait: Portrait, hubert: np.ndarray, seed: int) -> Motion: ...
-    async def motion_from_video(self, frames: np.ndarray, num_frames: int) -> Motion: ...
-    async def render_frames(self, request: FramesRequest) -> np.ndarray: ...
+    async def run(self, stage: str, state: bytes) -> bytes: ...
+    async def locate_face(self, portrait: Media, limits: ServeLimits) -> dict: ...
+
+
+class InProcessStages:
+    """RenderStages that run every stage in this process on one RenderPipeline holding all the networks
+    (a single-process service; the tests). States still cross as bytes, as they do between replicas."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    async def run(self, stage: str, state: bytes) -> bytes:
+        return await asyncio.to_thread(self.pipeline.run_bytes, stage, state)
+
+    async def locate_face(self, portrait: Media, limits: ServeLimits) -> dict:
+        return await asyncio.to_thread(locate_face, portrait, limits)
 
 
 # Progress reported when a stage starts (the stages run in other processes, so per-step progress is not
 # visible here; the fractions roughly follow where the time goes).
-STAGE_PROGRESS = {"features": 0.05, "motion": 0.15, "sampling": 0.25, "writing": 0.9}
+STAGE_PROGRESS = {"inputs": 0.02, "features": 0.05, "motion": 0.15, "frames": 0.25, "writing": 0.9}
 
 
 class RenderService:
@@ -490,19 +392,22 @@ class RenderService:
         self.jobs = JobTable(output_dir, self.limits)
         self._slots: asyncio.Semaphore | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._resolution: int | None = None
 
-    async def submit(self, portrait: Upload, audio: Upload, pose_video: Upload | None = None,
-                     seed: int | None = None, steps: int | None = None, eta: float | None = None,
-                     sampler: str | None = None, owner: str | None = None) -> RenderJob:
-        """Check and admit a render; it then runs in the background. Raises RequestError / ServiceBusy."""
+    async def submit(self, portrait: Media, audio: Media, pose_video: Media | None = None,
+                     fields: dict | None = None, owner: str | None = None) -> RenderJob:
+        """Check and admit a render; it then runs in the background. `fields`: the request's option values
+        (RenderOptions.FIELDS). Raises OptionError / RequestError / ServiceBusy."""
         self.jobs.check_capacity()  # refuse early, before decoding anything
-        options = render_options(seed, steps, self.limits, eta=eta, sampler=sampler)
-        if self._resolution is None:
-            self._resolution = await self.stages.resolution()
-        prepared = await self.stages.prepare(portrait, audio, pose_video, self._resolution, self.limits)
+        options = self.limits.options(fields or {})
+        inputs = {"portrait": portrait, "audio": audio}
+        if pose_video is not None:
+            inputs["pose_video"] = pose_video
+        for media in inputs.values():
+            check_upload_size(media, self.limits)
+        data = await self.stages.run("inputs", RenderState(options=options, inputs=inputs).to_bytes())
+        check_decoded(RenderState.from_bytes(data), self.limits)
         job = self.jobs.submit(options, owner)
-        task = asyncio.get_running_loop().create_task(self._run(job.id, prepared, options))
+        task = asyncio.get_running_loop().create_task(self._run(job.id, data))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
@@ -510,7 +415,7 @@ class RenderService:
     def status(self, render_id: str, owner: str | None = None) -> RenderJob:
         return self.jobs.get(render_id, owner)
 
-    async def locate_face(self, portrait: Upload) -> dict:
+    async def locate_face(self, portrait: Media) -> dict:
         return await self.stages.locate_face(portrait, self.limits)
 
     def video_path(self, render_id: str, owner: str | None = None) -> Path:
@@ -524,12 +429,12 @@ class RenderService:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _run(self, render_id: str, prepared: PreparedRender, options: RenderOptions) -> None:
+    async def _run(self, render_id: str, data: bytes) -> None:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.limits.max_active_renders)
         async with self._slots:
             try:
-                await self._render(render_id, prepared, options)
+                await self._render(render_id, data)
             except Exception as e:  # noqa: BLE001 - every failure ends up in the render's record
                 cause = getattr(e, "cause", None) or e
                 if isinstance(cause, DawnError):
@@ -539,22 +444,12 @@ class RenderService:
                     message = f"internal error ({type(cause).__name__}): {cause}"
                 self.jobs.update(render_id, status="failed", error=message)
 
-    async def _render(self, render_id: str, prepared: PreparedRender, options: RenderOptions) -> None:
-        from dawn.video import write_mp4
-
-        def stage(name: str) -> None:
-            self.jobs.update(render_id, status="running", stage=name, progress=STAGE_PROGRESS[name])
-
-        stage("features")
-        hubert = await self.stages.audio_features(prepared.waveform)
-        stage("motion")
-        if prepared.pose_frames is not None:
-            motion = await self.stages.motion_from_video(prepared.pose_frames, hubert.shape[0])
-        else:
-            motion = await self.stages.sample_motion(prepared.portrait, hubert, options.seed)
-        stage("sampling")
-        frames = await self.stages.render_frames(FramesRequest(prepared.portrait, hubert, motion, options))
-        stage("writing")
-        await asyncio.to_thread(write_mp4, self.jobs.output_dir / f"{render_id}.mp4", frames, fps=25,
-                                audio=prepared.waveform)  # atomic: a temporary file renamed onto the name
-        self.jobs.update(render_id, status="done", stage="done", frames=int(frames.shape[0]))
+    async def _render(self, render_id: str, data: bytes) -> None:
+        for stage in STAGES[1:]:  # the inputs stage ran before the render was admitted
+            self.jobs.update(render_id, status="running", stage=stage, progress=STAGE_PROGRESS[stage])
+            data = await self.stages.run(stage, data)
+        self.jobs.update(render_id, status="running", stage="writing", progress=STAGE_PROGRESS["writing"])
+        state = RenderState.from_bytes(data)
+        # atomic: a temporary file renamed onto the name
+        await asyncio.to_thread(write_video, state, self.jobs.output_dir / f"{render_id}.mp4")
+        self.jobs.update(render_id, status="done", stage="done", frames=state.num_frames)

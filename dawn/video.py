@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dawn import DawnError
-
-FPS = 25
-SAMPLE_RATE = 16000
+from dawn.config import FPS, SAMPLE_RATE
 
 
 def _batches(frames: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarray]:

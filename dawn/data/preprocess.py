@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 
 from dawn import DawnError
 from dawn.checkpoint import atomic_write_bytes
-from dawn.data.schema import FPS, SAMPLES_PER_FRAME, encode_segment, rows_to_table
+from dawn.config import FPS
+from dawn.data.schema import SAMPLES_PER_FRAME, encode_segment, rows_to_table
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".flv")
 MIN_SECONDS = 1.0  # shorter videos are rejected (stage "duration")

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from dawn import RAY_CLUSTER_HELP, DawnError
 from dawn.checkpoint import atomic_write_bytes
+from dawn.config import FPS, SAMPLE_RATE
 from dawn.data.preprocess import (MAX_MISSING_FACE, SEGMENT_FRAMES, PreprocessError, VideoItem, assign_split,
                                   list_videos, preprocess_video, write_shard)
 
@@ -237,7 +238,7 @@ def _write_index(output: Path, settings: PreprocessSettings, failures: dict[str,
                                      "source_path": first["source_path"], "segments": table.num_rows,
                                      "frames": sum(table.column("num_frames").to_pylist())}
     splits = {split: sorted(v for v, info in videos.items() if info["split"] == split) for split in ("train", "test")}
-    index = {"settings": {**asdict(settings), "fps": 25, "sample_rate": 16000},
+    index = {"settings": {**asdict(settings), "fps": FPS, "sample_rate": SAMPLE_RATE},
              "videos": videos, "splits": splits,
              "identities": sorted({info["identity"] for info in videos.values()}),
              "frames": {split: sum(videos[v]["frames"] for v in ids) for split, ids in splits.items()},

@@ -13,12 +13,10 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 
-FPS = 25
-SAMPLE_RATE = 16_000
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640 audio samples per video frame
+from dawn.config import BLINK_DIM as EYE_DIM
+from dawn.config import POSE_DIM, SAMPLES_PER_FRAME
+
 HUBERT_DIM = 1024
-POSE_DIM = 6  # yaw, pitch, roll (degrees), scale, tx, ty
-EYE_DIM = 2  # left, right eye ratio
 BOX_DIM = 6  # x_min, x_max, y_min, y_max, H, W
 
 # Scalar columns: name -> arrow type.

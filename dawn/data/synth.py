@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from dawn import DawnError
+from dawn.config import FPS
 
-FPS = 25
 MARGIN = 0.25  # canonical image margin on each side, as a fraction of the output size
 SIDECAR_VERSION = 1
 

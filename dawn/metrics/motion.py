@@ -1,5 +1,5 @@
-"""Motion metrics (paper §4.1): beat align score (BAS), blinks per second, degradation rate (DR_n), and pose /
-blink statistics against the ground truth. Tracks are per frame at 25 fps: pose (T, 6) = (yaw, pitch, roll in
+"""Motion metrics (paper §4.1): beat align score (BAS), blinks per second, degradation rate (DR_n), pose /
+blink statistics against the ground truth, and jitter (temporal smoothness). Tracks are per frame at 25 fps: pose (T, 6) = (yaw, pitch, roll in
 degrees, scale, tx, ty), eye ratios (T, 2) or (T,), waveforms 16 kHz mono.
 """
 
@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dawn.config import FPS, SAMPLE_RATE
 from dawn.metrics.frechet import frechet_distance_features
 
-FPS = 25
-SAMPLE_RATE = 16000
 POSE_NAMES = ("yaw", "pitch", "roll", "scale", "tx", "ty")
 
 
@@ -151,3 +150,16 @@ def track_statistics(generated: np.ndarray, ground_truth: np.ndarray) -> dict[st
         correlation = (gc * tc).sum(0) / np.sqrt((gc ** 2).sum(0) * (tc ** 2).sum(0))
         std_ratio = g.std(0) / t.std(0)
     return {"mae": np.abs(g - t).mean(0), "std_ratio": std_ratio, "correlation": correlation}
+
+
+def jitter(track: np.ndarray, fps: int = FPS) -> np.ndarray:
+    """Temporal smoothness of a (T, D) or (T,) track: the mean absolute frame-to-frame acceleration per
+    component, J = mean_t |x[t+1] - 2 x[t] + x[t-1]| * fps^2, in the track's units per second^2 (degrees/s^2
+    for the pose angles). A smooth motion has a small J; frame-to-frame jumps raise it. (D,) float64; nan
+    for tracks shorter than 3 frames. For x = A sin(2 pi f t) sampled at fps >> f, J -> A (2 pi f)^2 * 2 / pi.
+    """
+    x = np.asarray(track, np.float64)
+    x = x[:, None] if x.ndim == 1 else x
+    if len(x) < 3:
+        return np.full(x.shape[1], np.nan)
+    return np.abs(x[2:] - 2 * x[1:-1] + x[:-2]).mean(0) * fps ** 2

@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dawn import DawnError
+from dawn.config import FPS, SAMPLE_RATE
 from dawn.metrics.weights import load_weights
 
 SYNCNET_FILE = ("the SyncNet state dict syncnet_v2.model (joonson/syncnet_python, "
                 "http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model)")
-SAMPLE_RATE = 16000
-FPS = 25
 WINDOW_FRAMES = 5  # video frames per SyncNet window
 MFCC_PER_FRAME = 4  # 100 Hz MFCC / 25 fps video
 MAX_OFFSET = 15  # frames searched on each side (syncnet_python's vshift)

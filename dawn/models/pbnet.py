@@ -6,7 +6,7 @@ the decoder predicts the delta sequence Delta rho_{1:T} from a per-frame latent 
 during training the encoder gives h's posterior from the true deltas (Eq. 8).
 
 Units: "raw" = degrees / scale / pixels for pose and plain eye ratios for blink. The networks work in
-"model units": pose min-max normalised to [0, 1] (§5.3, constants below), blink unchanged.
+"model units": pose min-max normalised to [0, 1] (§5.3, constants in dawn.config), blink unchanged.
 `encode`/`decode`/`forward` take and return model units; `generate` takes and returns raw units.
 
 Layouts are batch-first: states (B, D), sequences (B, T, D), audio (B, T, 1024), latents (B, T, A).
@@ -30,12 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dawn.config import BLINK_DIM, POSE_DIM, POSE_MAX, POSE_MIN
 from dawn.models.attention import RelativePositionBias, RotaryEmbedding, local_attention
 
-# Pose min-max normalisation (§5.3): yaw, pitch, roll (degrees), scale, tx, ty (pixels).
-POSE_MIN = (-90.0, -90.0, -90.0, 0.0, 0.0, 0.0)
-POSE_MAX = (90.0, 90.0, 90.0, 1.0, 720.0, 1080.0)
-STATE_DIMS = {"pose": 6, "blink": 2}
+STATE_DIMS = {"pose": POSE_DIM, "blink": BLINK_DIM}
 
 
 def to_model_units(x: torch.Tensor, kind: str) -> torch.Tensor:

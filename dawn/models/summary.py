@@ -9,7 +9,6 @@ temporal attention over all T x T frame pairs, and the LFG source encoder run ag
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,19 +38,17 @@ def _gflops(fn) -> float:
 
 def preset_summary(preset: str, frames: int = 200) -> list[tuple[str, int, int | None, float | None, float | None]]:
     """Rows (name, our params, reference params or None, our GFLOPs, reference-way GFLOPs)."""
-    from dawn.models.lfg import LFG, LFGConfig
-    from dawn.models.pbnet import PBNet, PBNetConfig
-    from dawn.models.unet3d import A2VFDM, A2VConfig
+    from dawn.config import build_models
+    from dawn.models.unet3d import A2VFDM
 
     released = preset != "tiny"
     ref = (lambda key: REFERENCE_PARAMS[key]) if released else (lambda key: None)
+    models = build_models(preset, device="meta")
+    lfg, a2v = models["lfg"], models["a2v"]
+    a2v_config = a2v.config
+    pbnets = {kind: models[f"pbnet_{kind}"].eval() for kind in ("pose", "blink")}
     with torch.device("meta"):
-        lfg = LFG(LFGConfig.preset(preset))
-        a2v_config = dataclasses.replace(A2VConfig.preset(preset), source_channels=lfg.config.latent_channels)
-        a2v = A2VFDM(a2v_config)
-        a2v_reference = A2VFDM(dataclasses.replace(a2v_config, reference_mode=True))
-        pbnets = {kind: PBNet(PBNetConfig.preset(f"tiny-{kind}" if preset == "tiny" else kind)).eval()
-                  for kind in ("pose", "blink")}
+        a2v_reference = A2VFDM(a2v_config).use_reference_attention()
 
         s, lat, c = lfg.config.image_size, a2v_config.latent_size, a2v_config.source_channels
         x_t = torch.empty(1, 3, frames, lat, lat)

@@ -101,7 +101,6 @@ class A2VConfig:
     window: int | None = 40  # temporal local-attention half width; None = full attention (training)
     reference_bbox_convention: bool = False  # ARCHITECTURE.md §9.2: True reproduces x/H, y/W
     cross_attn_norm_eps: float | None = None  # None: 1e-5 for float32, else 1e-3 (reference rule, §6)
-    reference_mode: bool = False  # benchmarks only: temporal attention the reference's way (T x T logits)
     # what the network outputs: "eps" (paper Eq. 2; the released checkpoints) or "v" (v-prediction; its loss
     # weighs the coarse motion at high noise far more, so short trainings sample sensible motion much sooner)
     prediction: str = "eps"
@@ -779,6 +778,7 @@ class UNet3D(nn.Module):
         super().__init__()
         c = config
         self.config = c
+        self.reference_attention = False  # A2VFDM.use_reference_attention
         dims = [c.dim] + [c.dim * m for m in c.dim_mults]
         in_out = list(zip(dims[:-1], dims[1:]))
 
@@ -816,7 +816,7 @@ class UNet3D(nn.Module):
             mid=(self.mid_block1.prepare(cond), self.mid_block2.prepare(cond)),
             ups=[(level.res1.prepare(cond), level.res2.prepare(cond)) for level in self.ups],
             temporal=TemporalContext.build(self.init_temporal_attn.rotary_emb, self.time_rel_pos_bias, cond.shape[1],
-                                           c.window, c.reference_mode, cond.device),
+                                           c.window, self.reference_attention, cond.device),
         )
 
     def forward_prepared(self, x_t: torch.Tensor, t: torch.Tensor, ctx: A2VContext) -> torch.Tensor:
@@ -905,6 +905,12 @@ class A2VFDM(nn.Module):
         self.unet = UNet3D(config)
         self.face_encoder = FaceBoxEncoder(config.face_channels)
         self.schedule = CosineSchedule(timesteps=config.timesteps)
+
+    def use_reference_attention(self, enabled: bool = True) -> "A2VFDM":
+        """Benchmarks and tests: temporal attention computed the reference's way (all T x T logits at once)
+        instead of windowed. A runtime switch, not part of the saved config."""
+        self.unet.reference_attention = enabled
+        return self
 
     def face_mask(self, bbox: torch.Tensor, size: int) -> torch.Tensor:
         """bbox (B, 6) [x_min, x_max, y_min, y_max, H, W] in pixels -> (B, 1, size, size) 0/1 mask.

@@ -15,16 +15,14 @@ logic (limits, validation, job table, the render sequence) is `dawn.serving.Rend
 import asyncio
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from dawn import DawnError
-from dawn.pipeline import Motion, Portrait, RenderPipeline
-from dawn.serving import (ApiKeys, FramesRequest, PreparedRender, RenderService, ServeLimits, Upload, error_body,
-                          error_status, locate_face, prepare_render, render_frames_batched)
+from dawn.pipeline import Media, RenderPipeline, RenderState
+from dawn.serving import ApiKeys, RenderService, ServeLimits, error_body, error_status, locate_face, upload
 
 
 def _device(device: str) -> str:
@@ -40,93 +38,75 @@ def _device(device: str) -> str:
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
 class Features:
-    """Uploads -> checked inputs, speech -> HuBERT features, driving video -> motion (CPU)."""
+    """The inputs stage (uploads decoded, face analysis, driving-video track) and the features stage (HuBERT)."""
 
     def __init__(self, checkpoints: str, hubert: str | None = None, device: str = "cpu"):
-        self.pipeline = RenderPipeline.from_checkpoints(checkpoints, hubert_dir=hubert, stages=("features",),
-                                                        device=_device(device))
+        self.pipeline = RenderPipeline.from_checkpoints(checkpoints, hubert_dir=hubert,
+                                                        stages=("inputs", "features"), device=_device(device))
 
-    def prepare(self, portrait: Upload, audio: Upload, pose_video: Upload | None, resolution: int,
-                limits: ServeLimits) -> PreparedRender:
-        return prepare_render(self.pipeline, portrait, audio, pose_video, resolution, limits)
+    def run(self, stage: str, data: bytes) -> bytes:
+        return self.pipeline.run_bytes(stage, data)
 
-    def locate_face(self, portrait: Upload, limits: ServeLimits) -> dict:
+    def locate_face(self, portrait: Media, limits: ServeLimits) -> dict:
         return locate_face(portrait, limits)
-
-    def audio_features(self, waveform: np.ndarray) -> np.ndarray:
-        return self.pipeline.audio_features(waveform)
-
-    def motion_from_video(self, frames: np.ndarray, num_frames: int) -> Motion:
-        return self.pipeline.motion_from_video(frames, num_frames)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
 class PBNet:
-    """Pose and blink sequences for a portrait and its speech features."""
+    """The motion stage: pose and blink sequences (PBNet, or the driving video's track)."""
 
     def __init__(self, checkpoints: str, device: str = "cpu", dtype: str = "fp32"):
-        self.pipeline = RenderPipeline.from_checkpoints(checkpoints, stages=("pbnet",), device=_device(device),
+        self.pipeline = RenderPipeline.from_checkpoints(checkpoints, stages=("motion",), device=_device(device),
                                                         dtype=dtype)
 
-    def sample_motion(self, portrait: Portrait, hubert: np.ndarray, seed: int) -> Motion:
-        return self.pipeline.sample_motion(portrait, hubert, seed=seed)
+    def run(self, stage: str, data: bytes) -> bytes:
+        return self.pipeline.run_bytes(stage, data)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
 class A2VFDM:
-    """Flow + occlusion for all frames in one diffusion pass, then LFG decode. Concurrent requests are
-    collected by @serve.batch and sampled together where their shapes match."""
+    """The frames stage: flow + occlusion for all frames in one diffusion pass, then LFG decode. Concurrent
+    requests are collected by @serve.batch and sampled together where their shapes match."""
 
     def __init__(self, checkpoints: str, device: str = "cpu", dtype: str = "fp32", max_batch_size: int = 4,
                  batch_wait_s: float = 0.05):
-        self.pipeline = RenderPipeline.from_checkpoints(checkpoints, stages=("a2v",), device=_device(device),
+        self.pipeline = RenderPipeline.from_checkpoints(checkpoints, stages=("frames",), device=_device(device),
                                                         dtype=dtype)
-        self.render_batch.set_max_batch_size(max_batch_size)
-        self.render_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.frames_batch.set_max_batch_size(max_batch_size)
+        self.frames_batch.set_batch_wait_timeout_s(batch_wait_s)
 
-    def resolution(self) -> int:
-        return self.pipeline.resolution
-
-    async def render(self, request: FramesRequest) -> np.ndarray:
-        frames = await self.render_batch(request)
-        if isinstance(frames, BaseException):  # this request's group failed; the others are unaffected
-            raise frames
-        return frames
+    async def run(self, stage: str, data: bytes) -> bytes:
+        result = await self.frames_batch(data)
+        if isinstance(result, BaseException):  # this request's group failed; the others are unaffected
+            raise result
+        return result
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def render_batch(self, requests: list[FramesRequest]) -> list[np.ndarray | BaseException]:
+    async def frames_batch(self, batch: list[bytes]) -> list[bytes | BaseException]:
         # The work runs in a thread so this replica keeps accepting (and batching) requests meanwhile.
-        return await asyncio.to_thread(render_frames_batched, self.pipeline, requests)
+        def work() -> list[bytes | BaseException]:
+            states = [RenderState.from_bytes(data) for data in batch]
+            results = self.pipeline.run_stage("frames", states)
+            return [r if isinstance(r, BaseException) else r.to_bytes() for r in results]
+
+        return await asyncio.to_thread(work)
 
 
 # ---- ingress -------------------------------------------------------------------------------------
 
 class HandleStages:
-    """dawn.serving.RenderStages over the deployment handles."""
+    """dawn.serving.RenderStages over the deployment handles: each stage goes to the deployment holding its
+    networks."""
 
     def __init__(self, features: DeploymentHandle, pbnet: DeploymentHandle, a2v: DeploymentHandle):
-        self.features, self.pbnet, self.a2v = features, pbnet, a2v
+        self.features = features
+        self.handles = {"inputs": features, "features": features, "motion": pbnet, "frames": a2v}
 
-    async def resolution(self) -> int:
-        return await self.a2v.resolution.remote()
+    async def run(self, stage: str, data: bytes) -> bytes:
+        return await self.handles[stage].run.remote(stage, data)
 
-    async def prepare(self, *args) -> PreparedRender:
-        return await self.features.prepare.remote(*args)
-
-    async def locate_face(self, portrait: Upload, limits: ServeLimits) -> dict:
+    async def locate_face(self, portrait: Media, limits: ServeLimits) -> dict:
         return await self.features.locate_face.remote(portrait, limits)
-
-    async def audio_features(self, waveform: np.ndarray) -> np.ndarray:
-        return await self.features.audio_features.remote(waveform)
-
-    async def sample_motion(self, portrait: Portrait, hubert: np.ndarray, seed: int) -> Motion:
-        return await self.pbnet.sample_motion.remote(portrait, hubert, seed)
-
-    async def motion_from_video(self, frames: np.ndarray, num_frames: int) -> Motion:
-        return await self.features.motion_from_video.remote(frames, num_frames)
-
-    async def render_frames(self, request: FramesRequest) -> np.ndarray:
-        return await self.a2v.render.remote(request)
 
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
@@ -142,12 +122,11 @@ async def _dawn_error(request: Request, error: DawnError) -> JSONResponse:
     return JSONResponse(body, status_code=error_status(error), headers=headers)
 
 
-async def _read(upload: UploadFile | None, field: str, limits: ServeLimits) -> Upload | None:
+async def _read(file: UploadFile | None, role: str, limits: ServeLimits) -> Media | None:
     """An uploaded file's bytes, read no further than the size limit (+1 byte, to tell it was over)."""
-    if upload is None:
+    if file is None:
         return None
-    data = await upload.read(limits.max_upload_bytes + 1)
-    return Upload(field=field, filename=upload.filename or field, data=data)
+    return upload(role, file.filename, await file.read(limits.max_upload_bytes + 1))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -164,12 +143,18 @@ class DawnAPI:
                             pose_video: UploadFile | None = File(None, description="take head pose from this video"),
                             seed: int | None = Form(None), steps: int | None = Form(None),
                             eta: float | None = Form(None, description="DDIM eta, 0 (deterministic) to 1"),
-                            sampler: str | None = Form(None, description="ddim or dpm-solver++")) -> dict:
+                            sampler: str | None = Form(None, description="ddim or dpm-solver++"),
+                            crop: str | None = Form(None, description="face (default) or none"),
+                            paste_back: bool | None = Form(None, description="the whole portrait with the head "
+                                                                              "blended in (default false)"),
+                            max_side: int | None = Form(None, description="with paste_back: the video's "
+                                                                          "longer side at most this")) -> dict:
         owner = self.keys.owner(request.headers.get("authorization"))
         limits = self.service.limits
+        fields = {"seed": seed, "steps": steps, "eta": eta, "sampler": sampler, "crop": crop,
+                  "paste_back": paste_back, "max_side": max_side}
         job = await self.service.submit(await _read(portrait, "portrait", limits), await _read(audio, "audio", limits),
-                                        await _read(pose_video, "pose_video", limits), seed=seed, steps=steps,
-                                        eta=eta, sampler=sampler, owner=owner)
+                                        await _read(pose_video, "pose_video", limits), fields=fields, owner=owner)
         return {"id": job.id, "status": job.status, "status_url": f"/v1/renders/{job.id}",
                 "video_url": f"/v1/renders/{job.id}/video"}
 

@@ -31,7 +31,8 @@ from dawn import DawnError
 from dawn.checkpoint import load_model, save_model
 from dawn.data.readers import A2V_STAGE1_FRAMES, A2V_STAGE2_FRAMES, a2v_clips
 from dawn.models.diffusion import CosineSchedule, ddim_sample, diffusion_loss
-from dawn.models.unet3d import A2VFDM, A2VConfig
+from dawn.models.unet3d import A2VFDM
+from dawn.config import MODELS
 from dawn.train.config import TrainConfig
 from dawn.train.objective import Objective, box_mask, image_grid, override_config
 
@@ -54,8 +55,8 @@ class A2VObjective(Objective):
         super().__init__(config, device)
         self.lfg = load_model(config.lfg, "lfg", map_location=str(self.device)).eval().requires_grad_(False)
         lfg_config = self.lfg.config
-        a2v_config = dataclasses.replace(A2VConfig.preset(config.preset), image_size=lfg_config.image_size,
-                                         source_channels=lfg_config.latent_channels)
+        a2v_config = MODELS["a2v"].preset_config(config.preset, image_size=lfg_config.image_size,
+                                                 source_channels=lfg_config.latent_channels)
         a2v_config = override_config(a2v_config, config.model_overrides)
         self.a2v = A2VFDM(a2v_config).to(self.device)
         if config.init_from:

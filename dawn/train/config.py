@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dawn import RAY_CLUSTER_HELP, DawnError
-
-MODELS = ("lfg", "pbnet_pose", "pbnet_blink", "a2v")
-PRESETS = ("tiny", "hdtf128", "hdtf256")
+from dawn import DawnError
+from dawn.config import MODELS, PRESETS
 DTYPES = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -69,8 +67,6 @@ class TrainConfig:
     overfit_batches: int = 0  # >0: train on the first N batches over and over (smoke tests, overfitting)
     samples_per_row: int = 4  # samples drawn from each shard row (segment) per pass (paper A.2: 25 per video)
     cache_rows: bool = False  # keep each worker's split in memory after one pass (corpora that fit in RAM)
-    # test-only fault injection: rank 1 exits hard once at this step (a marker file makes it happen once)
-    fail_at_step: int | None = None
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -259,33 +255,3 @@ def from_arguments(args, model: str) -> TrainConfig:
         samples_per_row=args.samples_per_row, cache_rows=args.cache_rows, overfit_batches=args.overfit_batches,
         objective_options=as_json("options", args.options), model_overrides=as_json("model-overrides", args.model_overrides),
     )
-
-
-TRAIN_COMMANDS = {  # dawn train <name>: help, extra flags of that model
-    "lfg": ("the Latent Flow Generator (paper §3.2)", ("vgg19",)),
-    "pbnet": ("a PBNet pose or blink model (paper §3.4)", ("kind",)),
-    "a2v": ("A2V-FDM, one curriculum stage (paper §3.3, §3.5)", ("stage", "lfg")),
-}
-
-
-def register_cli(subparsers) -> None:
-    resume = "Rerun with the same --storage-path and --run-name to resume from the last checkpoint."
-    train = subparsers.add_parser("train", help="train LFG, PBNet or A2V-FDM with Ray Train + DeepSpeed (MLflow tracking)",
-                                  description=f"Train one model with Ray Train + DeepSpeed, tracked in MLflow. "
-                                              f"{RAY_CLUSTER_HELP} {resume}")
-    models = train.add_subparsers(dest="model", required=True, metavar="{lfg,pbnet,a2v}")
-    for name, (what, flags) in TRAIN_COMMANDS.items():
-        parser = models.add_parser(name, help=f"train {what}", description=f"Train {what}.")
-        if "kind" in flags:
-            parser.add_argument("--kind", required=True, choices=("pose", "blink"), help="which PBNet to train")
-        add_arguments(parser, model_flags=tuple(f for f in flags if f != "kind"))
-        parser.set_defaults(func=_train_command)
-
-
-def _train_command(args) -> int:
-    from dawn.train.loop import run_training
-
-    model = f"pbnet_{args.kind}" if args.model == "pbnet" else args.model
-    summary = run_training(from_arguments(args, model), address=args.address, num_cpus=args.num_cpus)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0

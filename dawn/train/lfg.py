@@ -31,7 +31,8 @@ from torch import nn
 
 from dawn import DawnError
 from dawn.data.readers import lfg_pairs
-from dawn.models.lfg import LFG, LFGConfig, AntiAliasDownsample, coordinate_grid
+from dawn.models.lfg import LFG, AntiAliasDownsample, coordinate_grid
+from dawn.config import MODELS
 from dawn.train.config import TrainConfig
 from dawn.train.objective import Objective, box_mask, image_grid, override_config
 
@@ -209,7 +210,7 @@ class LFGObjective(Objective):
 
     def __init__(self, config: TrainConfig, device: torch.device):
         super().__init__(config, device)
-        lfg_config = override_config(LFGConfig.preset(config.preset), config.model_overrides)
+        lfg_config = override_config(MODELS["lfg"].preset_config(config.preset), config.model_overrides)
         self.lfg = LFG(lfg_config).to(self.device)
         if config.init_from:
             from dawn.checkpoint import load_model

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from dawn import DawnError
+from dawn.config import model_spec
 from dawn.train.config import TrainConfig, deepspeed_config, lr_multiplier
 
 log = logging.getLogger("dawn.train")
@@ -48,20 +49,17 @@ log = logging.getLogger("dawn.train")
 STATE_DIR = "dawn_state"  # per-rank JSON state inside a checkpoint
 ENGINE_DIR = "deepspeed"  # one DeepSpeed checkpoint folder per engine inside a checkpoint
 ENGINE_TAG = "state"
-# Ray Train's controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): the
-# injected failure waits this long after its last report so that the checkpoint is registered first.
+# Fault injection for the resume tests: with DAWN_FAULT_AT_STEP=N in the driver's environment, the last
+# rank exits hard once at step N. Ray Train's controller collects reports every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): the injected failure waits this long after its last
+# report so that the checkpoint is registered first.
+FAULT_AT_STEP_ENV = "DAWN_FAULT_AT_STEP"
 FAIL_INJECTION_DELAY_S = 5.0
 
 
 def objective_class(model: str):
-    """The Objective subclass of a TrainConfig.model name."""
-    if model == "lfg":
-        from dawn.train.lfg import LFGObjective as cls
-    elif model in ("pbnet_pose", "pbnet_blink"):
-        from dawn.train.pbnet import PBNetObjective as cls
-    else:
-        from dawn.train.a2v import A2VObjective as cls
-    return cls
+    """The Objective subclass of a TrainConfig.model name (the registry's, dawn.config)."""
+    return model_spec(model).objective_class()
 
 
 def build_objective(config: TrainConfig, device: torch.device | str):
@@ -112,7 +110,7 @@ def run_training(config: TrainConfig, address: str | None = None, num_cpus: int 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "mlflow_run_id": run_id, "git_commit": git_commit,
-                           "deadline": deadline},
+                           "deadline": deadline, "fault_at_step": _fault_at_step()},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
         run_config=RunConfig(
             storage_path=config.storage_path, name=config.run_name,
@@ -303,7 +301,7 @@ def train_worker(loop_config: dict) -> None:
             break
         step += 1
         window.samples += config.batch_size * config.grad_accum
-        _inject_failure(config, rank, world, step)
+        _inject_failure(config, loop_config.get("fault_at_step"), rank, world, step)
         if step % config.log_every == 0 or step == config.steps:
             metrics = last_metrics = window.reduce(world)
             metrics["lr"] = engines["model"].get_lr()[0]
@@ -403,9 +401,18 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _inject_failure(config: TrainConfig, rank: int, world: int, step: int) -> None:
-    """Test hook: the last rank exits hard once at `fail_at_step` (a marker file in the run folder)."""
-    if config.fail_at_step is None or step != config.fail_at_step or rank != world - 1:
+def _fault_at_step() -> int | None:
+    value = os.environ.get(FAULT_AT_STEP_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise DawnError(f"{FAULT_AT_STEP_ENV} must be a step number, got {value!r}")
+    return int(value)
+
+
+def _inject_failure(config: TrainConfig, fault_at_step: int | None, rank: int, world: int, step: int) -> None:
+    """Test hook: the last rank exits hard once at `fault_at_step` (a marker file in the run folder)."""
+    if fault_at_step is None or step != fault_at_step or rank != world - 1:
         return
     marker = config.run_dir / f".failed_once_at_step_{step}"
     if marker.exists():

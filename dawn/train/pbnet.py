@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from dawn.checkpoint import save_model
 from dawn.data.readers import PBNET_WINDOW, pbnet_windows
-from dawn.models.pbnet import PatchDiscriminator1d, PatchDiscriminatorConfig, PBNet, PBNetConfig
+from dawn.models.pbnet import PatchDiscriminator1d, PatchDiscriminatorConfig, PBNet
+from dawn.config import MODELS
 from dawn.train.config import TrainConfig
 from dawn.train.objective import Objective, override_config
 
@@ -39,10 +40,6 @@ def kl_weight(step: int, total_steps: int, warmup_fraction: float = 0.25, max_we
     if step < start:
         return 0.0
     return max_weight * min(1.0, (step - start) / max(1.0, total_steps - 1 - start))
-
-
-def preset_name(preset: str, kind: str) -> str:
-    return f"tiny-{kind}" if preset == "tiny" else preset
 
 
 class PBNetObjective(Objective):
@@ -61,13 +58,13 @@ class PBNetObjective(Objective):
         super().__init__(config, device)
         self.kind = KINDS[config.model]
         self.checkpoint_name = config.model
-        name = preset_name(config.preset, self.kind)
-        self.pbnet = PBNet(override_config(PBNetConfig.preset(name), config.model_overrides)).to(self.device)
+        spec = MODELS[config.model]
+        self.pbnet = PBNet(override_config(spec.preset_config(config.preset), config.model_overrides)).to(self.device)
         if config.init_from:
             from dawn.checkpoint import load_model
 
             self.pbnet.load_state_dict(load_model(config.init_from, config.model).state_dict())
-        self.discriminator = PatchDiscriminator1d(PatchDiscriminatorConfig.preset(name)).to(self.device)
+        self.discriminator = PatchDiscriminator1d(PatchDiscriminatorConfig.preset(spec.presets[config.preset])).to(self.device)
         self.trainable = {"model": self.pbnet, "discriminator": self.discriminator}
 
     def batches(self, rows: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:

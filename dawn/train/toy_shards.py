@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dawn.config import SAMPLE_RATE
 from dawn.data.schema import HUBERT_DIM, SAMPLES_PER_FRAME, encode_segment, rows_to_table
 
 
@@ -70,7 +71,7 @@ def toy_video(rng: np.random.Generator, frames: int, size: int, projection: np.n
     lip_box = np.stack([centre_x - 0.3 * half, centre_x + 0.3 * half, centre_y + 0.3 * half,
                         centre_y + 0.6 * half, np.full(frames, size), np.full(frames, size)], 1)
     hubert = envelope[:, None] * projection[None] + 0.3 * rng.standard_normal((frames, HUBERT_DIM))
-    t = np.arange(frames * SAMPLES_PER_FRAME) / 16000
+    t = np.arange(frames * SAMPLES_PER_FRAME) / SAMPLE_RATE
     audio = np.repeat(envelope, SAMPLES_PER_FRAME) * np.sin(2 * np.pi * 220 * t) * 0.3
     return {
         "frames": pixels, "audio": audio.astype(np.float32), "hubert": hubert.astype(np.float32),
@@ -115,7 +116,7 @@ def write_toy_shards(directory: str | Path, videos: int = 4, frames: int = 60, r
     splits = {split: sorted(v for v, info in videos_info.items() if info["split"] == split)
               for split in ("train", "test")}
     index = {"settings": {"resolution": resolution, "segment_frames": segment_frames, "fps": 25,
-                          "sample_rate": 16000, "toy": True},
+                          "sample_rate": SAMPLE_RATE, "toy": True},
              "videos": videos_info, "splits": splits,
              "identities": sorted({info["identity"] for info in videos_info.values()}),
              "frames": {split: frames * len(ids) for split, ids in splits.items()}, "failed": 0}

@@ -27,6 +27,7 @@ def test_manifest_render_with_bad_rows_and_resume(ray_local, tmp_path, speech_wa
 
     from dawn.audio import load_audio
     from dawn.batch_render import run_batch_render
+    from dawn.pipeline import RenderOptions
     from dawn.render import init_checkpoints
     from dawn.video import probe
 
@@ -46,7 +47,8 @@ def test_manifest_render_with_bad_rows_and_resume(ray_local, tmp_path, speech_wa
         writer.writerows(rows)
     out = tmp_path / "out"
 
-    results = run_batch_render(manifest, checkpoints, out, steps=2, a2v_batch=2, show_progress=False)
+    results = run_batch_render(manifest, checkpoints, out, options=RenderOptions(steps=2), a2v_batch=2,
+                               show_progress=False)
     by_id = {r["id"]: r for r in results}
     assert [r["id"] for r in results] == list("abcdef")
     assert {i: by_id[i]["status"] for i in by_id} == dict(a="done", b="done", c="done", d="failed", e="failed",
@@ -69,7 +71,7 @@ def test_manifest_render_with_bad_rows_and_resume(ray_local, tmp_path, speech_wa
 
     # a rerun: nothing new is rendered, the bad rows are tried (and reported) again
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
-    again = run_batch_render(manifest, checkpoints, out, steps=2, show_progress=False)
+    again = run_batch_render(manifest, checkpoints, out, options=RenderOptions(steps=2), show_progress=False)
     assert [r["status"] for r in again] == ["skipped"] * 3 + ["failed"] * 2 + ["skipped"]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == mtimes
 
@@ -80,23 +82,30 @@ def test_manifest_problems_are_reported(tmp_path, astronaut_png, speech_wav):
 
     from dawn import DawnError
     from dawn.batch_render import check_row, read_manifest
+    from dawn.pipeline import RenderOptions
 
     manifest = tmp_path / "m.jsonl"
     shutil.copy(astronaut_png, tmp_path / astronaut_png.name)  # portraits are relative to the manifest
     lines = [{"id": "ok", "portrait": astronaut_png.name, "audio": str(speech_wav), "seed": 3},
              {"id": "ok", "portrait": "p.png", "audio": "a.wav"}, {"id": "../x", "portrait": "p.png", "audio": "a.wav"},
              {"id": "s", "portrait": "p.png", "audio": "a.wav", "seed": "x"}, {"id": "n", "portrait": "p.png"},
-             {"id": "m", "portrait": astronaut_png.name, "audio": "missing.wav"}]
+             {"id": "m", "portrait": astronaut_png.name, "audio": "missing.wav"},
+             {"id": "e", "portrait": astronaut_png.name, "audio": str(speech_wav), "eta": 7},
+             {"id": "o", "portrait": astronaut_png.name, "audio": str(speech_wav), "steps": "3", "sampler": "dpm-solver++"}]
     manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     rows, seen, problems = read_manifest(manifest), set(), []
+    job_options = RenderOptions(steps=5, eta=0.0)
     for row in rows:
-        problems.append(check_row(row, seen))
+        problems.append(check_row(row, seen, job_options))
         seen.add(row["id"])
     assert rows[0]["portrait"] == str(tmp_path / astronaut_png.name) and rows[0]["audio"] == str(speech_wav)
-    assert problems[0] is None and rows[0]["seed"] == 3
-    assert "duplicate id" in problems[1] and "bad id" in problems[2] and "seed must be an integer" in problems[3]
+    assert problems[0] is None and rows[0]["options"] == RenderOptions(steps=5, eta=0.0, seed=3)
+    assert "duplicate id" in problems[1] and "bad id" in problems[2]
+    assert problems[3] == "seed must be an integer, got 'x'"
     assert "required" in problems[4]
     assert "not found" in problems[5] and "missing.wav" in problems[5]
+    assert problems[6] == "eta must be between 0 and 1, got 7"
+    assert problems[7] is None and rows[7]["options"] == RenderOptions(steps=3, eta=0.0, sampler="dpm-solver++")
     (tmp_path / "bad.csv").write_text("name,audio\nx,a.wav\n")
     with pytest.raises(DawnError, match="lacks the column"):
         read_manifest(tmp_path / "bad.csv")

@@ -1,5 +1,6 @@
 """The Serve app started for real (Ray on 2 CPUs, HTTP on 127.0.0.1, tiny random checkpoints): a render over
-HTTP, a burst of concurrent requests against small queue limits, and bad uploads."""
+HTTP, a burst of concurrent requests against small queue limits, bad uploads, and the same render through
+`dawn render`, the HTTP API and the batch job (one render path: the same frames, the same errors)."""
 
 import socket
 import time
@@ -153,7 +154,7 @@ def test_concurrent_requests_finish_or_get_503(server, media):
     ("not audio", 422, "audio upload: cannot decode audio from speech.wav"),
     ("empty audio", 400, "audio upload 'speech.wav' is empty"),
     ("too long", 422, "the limit is 5 s"),
-    ("bad steps", 400, "steps must be between"),
+    ("bad steps", 422, "steps must be at least 1, got 0"),
 ])
 def test_bad_uploads_get_4xx_with_the_reason(server, media, case, status, reason):
     url, _ = server
@@ -182,3 +183,106 @@ def test_missing_field_is_a_client_error(server, media):
     response = requests.post(f"{url}/v1/renders", files={"portrait": ("p.png", media["portrait"], "image/png")},
                              timeout=30)
     assert response.status_code == 422 and "audio" in response.text
+
+
+# ---- one render path: dawn render, the HTTP API and the batch job agree ---------------------------------
+
+@pytest.fixture(scope="module")
+def driving_video(tmp_path_factory):
+    from dawn.data.synth import generate_corpus
+
+    folder = tmp_path_factory.mktemp("driving")
+    return generate_corpus(folder / "corpus", videos=1, seconds=2, seed=1, size=128, progress=False)[0]
+
+
+def _frames(path) -> np.ndarray:
+    from dawn.video import read_video
+
+    return read_video(path)[0].astype(np.int16)
+
+
+@pytest.mark.parametrize("pose", ["pbnet", "pose video"])
+def test_cli_http_and_batch_render_the_same_frames(server, media, driving_video, tmp_path, pose):
+    """One portrait, one clip, one seed, eta 0: `dawn render`, POST /v1/renders and the batch job write the
+    same video (compared decoded from the mp4s: equal up to H.264 rounding)."""
+    import csv
+
+    import requests
+    import torch
+
+    from dawn.batch_render import run_batch_render
+    from dawn.cli import main
+    from dawn.pipeline import RenderOptions
+
+    url, renders = server
+    checkpoints = renders.parent / "ckpt"
+    portrait, audio = tmp_path / "portrait.png", tmp_path / "speech.wav"
+    portrait.write_bytes(media["portrait"])
+    audio.write_bytes(media["short"])
+    pose_args = ["--pose-from", str(driving_video)] if pose == "pose video" else []
+    cli_mp4 = tmp_path / "cli.mp4"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray workers run (OMP_NUM_THREADS=1): float sums in the same order
+    try:
+        assert main(["render", "--checkpoints", str(checkpoints), "--portrait", str(portrait), "--audio", str(audio),
+                     "--out", str(cli_mp4), "--steps", "2", "--eta", "0", "--seed", "4", "--quiet", *pose_args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    files = {"portrait": ("portrait.png", media["portrait"], "image/png"),
+             "audio": ("speech.wav", media["short"], "audio/wav")}
+    if pose == "pose video":
+        files["pose_video"] = ("driving.mp4", Path(driving_video).read_bytes(), "video/mp4")
+    response = requests.post(f"{url}/v1/renders", files=files, data={"steps": "2", "eta": "0", "seed": "4"},
+                             timeout=60)
+    assert response.status_code == 202, response.text
+    render_id = response.json()["id"]
+    assert _wait_done(url, render_id)["status"] == "done"
+
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "portrait", "audio", "pose_video", "seed"])
+        writer.writerow(["pair", portrait, audio, driving_video if pose == "pose video" else "", 4])
+    (result,) = run_batch_render(manifest, checkpoints, tmp_path / "batch", options=RenderOptions(steps=2, eta=0.0),
+                                 cpus_per_actor=0.15, a2v_batch=1, show_progress=False)
+    assert result["status"] == "done", result
+
+    cli, http, batch = (_frames(p) for p in (cli_mp4, renders / f"{render_id}.mp4", tmp_path / "batch" / "pair.mp4"))
+    assert cli.shape == http.shape == batch.shape == (25, 64, 64, 3)
+    for name, other in (("HTTP", http), ("batch", batch)):
+        difference = np.abs(cli - other)
+        assert difference.max() == 0, f"{name}: mean {difference.mean()}, max {difference.max()}"
+    assert np.abs(cli[1:] - cli[:1]).mean() > 0.1  # the frames are not one still image: there is something to compare
+
+
+@pytest.mark.parametrize("option, value, reason", [
+    ("eta", "7", "eta must be between 0 and 1, got 7"),
+    ("steps", "0", "steps must be at least 1, got 0"),
+    ("sampler", "euler", "sampler must be one of ddim, dpm-solver++, got 'euler'"),
+])
+def test_an_invalid_option_gets_the_same_reason_everywhere(server, media, tmp_path, capsys, option, value, reason):
+    """The CLI exits 2 with the reason, the HTTP API answers 4xx JSON with it, the batch job fails the row with it."""
+    import csv
+
+    from dawn.batch_render import run_batch_render
+    from dawn.cli import main
+
+    url, renders = server
+    checkpoints = renders.parent / "ckpt"
+    portrait, audio = tmp_path / "portrait.png", tmp_path / "speech.wav"
+    portrait.write_bytes(media["portrait"])
+    audio.write_bytes(media["short"])
+    code = main(["render", "--checkpoints", str(checkpoints), "--portrait", str(portrait), "--audio", str(audio),
+                 "--out", str(tmp_path / "x.mp4"), "--quiet", f"--{option}", value])
+    lines = capsys.readouterr().err.splitlines()  # (Ray's replicas log to the same stderr)
+    assert code == 2 and f"dawn render: error: {reason}" in lines
+
+    response = _post(url, media["portrait"], media["short"], **{option: value})
+    assert 400 <= response.status_code < 500 and response.json()["error"] == reason
+
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        csv.writer(f).writerows([["id", "portrait", "audio", option], ["row", portrait, audio, value]])
+    (result,) = run_batch_render(manifest, checkpoints, tmp_path / "batch", show_progress=False)
+    assert result["status"] == "failed" and result["error"] == reason

@@ -104,12 +104,13 @@ def test_lfg_trains_tracks_and_exports(lfg_run):
     assert {k for k, _ in history(lfg_run, "equivariance_shift")}  # MRAA terms are logged too
 
 
-def test_pbnet_resumes_after_a_worker_dies(ray_local, workspace):
+def test_pbnet_resumes_after_a_worker_dies(ray_local, workspace, monkeypatch):
     """Rank 1 exits hard at step 5; Ray restarts the group from the step-3 checkpoint: the step count goes
     on, only steps after that checkpoint are trained twice, and the run still finishes and exports."""
     from dawn.train.loop import run_training
 
-    config = tiny("pbnet_pose", workspace, fail_at_step=5, max_failures=1, objective_options={"window": 40})
+    monkeypatch.setenv("DAWN_FAULT_AT_STEP", "5")
+    config = tiny("pbnet_pose", workspace, max_failures=1, objective_options={"window": 40})
     summary = run_training(config)
     assert (config.resolved().run_dir / ".failed_once_at_step_5").is_file()
     rec = history(summary, "rec")
@@ -161,7 +162,7 @@ def test_exports_render_frames(workspace, lfg_run):
     if not (workspace["ckpt"] / "a2v.json").is_file():
         pytest.skip("needs the A2V-FDM stage-2 export of the previous test")
     row = next(iter_shard_rows(workspace["shards"], split="test"))
-    pipeline = pipeline_module.RenderPipeline.from_checkpoints(workspace["ckpt"], stages=("a2v",))
+    pipeline = pipeline_module.RenderPipeline.from_checkpoints(workspace["ckpt"], stages=("frames",))
     portrait = pipeline_module.Portrait(image=np.ascontiguousarray(row["frames"][0]), pose=row["pose"][0],
                                         eyes=row["eyes"][0], face_box=row["face_box"][0])
     frames = 8

@@ -300,3 +300,22 @@ def test_fvd_uses_back_to_back_clips_of_each_video():
     assert value > 100 and frechet.fvd(real, real, per_frame_brightness, clip_length=16) == pytest.approx(0, abs=1e-6)
     with pytest.raises(DawnError, match="FVD32"):
         frechet.fvd([generated[0]], [real[0]], per_frame_brightness, clip_length=32)
+
+
+def test_jitter_of_a_sine_is_its_analytic_acceleration_and_noise_raises_it():
+    from dawn.metrics.motion import jitter
+
+    fps, amplitude, frequency = 25, 3.0, 0.5  # 3 degrees, one sway every 2 s
+    t = np.arange(20 * fps) / fps  # 10 whole periods
+    sway = amplitude * np.sin(2 * np.pi * frequency * t)
+    analytic = amplitude * (2 * np.pi * frequency) ** 2 * 2 / np.pi  # mean |x''| of a sine
+    (smooth,) = jitter(sway, fps)
+    assert smooth == pytest.approx(analytic, rel=0.01)
+    noisy = sway + np.random.default_rng(0).normal(0, 0.5, len(t))  # +-0.5 degree frame-to-frame noise
+    (rough,) = jitter(noisy, fps)
+    assert rough > 10 * smooth
+    # white noise of std s: the second difference has std s * sqrt(6), its mean |.| is that * sqrt(2 / pi)
+    assert rough == pytest.approx(0.5 * np.sqrt(6) * np.sqrt(2 / np.pi) * fps ** 2, rel=0.1)
+    per_component = jitter(np.stack([sway, np.zeros_like(sway), noisy], 1), fps)
+    assert per_component.shape == (3,) and per_component[1] == 0 and per_component[2] == rough
+    assert np.isnan(jitter(np.zeros((2, 6)))).all()

@@ -8,9 +8,8 @@ from safetensors.torch import load_file
 from dawn import DawnError
 from dawn.adapters.pbnet import config_from_reference, from_reference, load_official_pbnet, to_reference
 from dawn.checkpoint import load_model, save_model
+from dawn.config import POSE_MAX, POSE_MIN
 from dawn.models.pbnet import (
-    POSE_MAX,
-    POSE_MIN,
     STATE_DIMS,
     PatchDiscriminator1d,
     PatchDiscriminatorConfig,

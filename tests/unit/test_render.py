@@ -46,7 +46,7 @@ def test_pose_from_video_feeds_the_measured_pose_and_blinks(checkpoints, astrona
     from dawn.audio import load_audio
     from dawn.data.synth import generate_corpus
     from dawn.face import analyze_video_frames
-    from dawn.pipeline import RenderOptions, RenderPipeline, load_pose_frames
+    from dawn.pipeline import RenderOptions, RenderPipeline, RenderState, load_pose_frames
 
     driving = generate_corpus(tmp_path / "corpus", videos=1, seconds=2, seed=1, size=128, progress=False)[0]
     pipeline = RenderPipeline.from_checkpoints(checkpoints)
@@ -55,13 +55,14 @@ def test_pose_from_video_feeds_the_measured_pose_and_blinks(checkpoints, astrona
     pipeline.a2v.denoiser = lambda features, cond: seen.append(cond.clone()) or denoiser(features, cond)
 
     frames = load_pose_frames(driving)
-    waveform = load_audio(speech_wav)
-    _, info = pipeline.render_arrays(astronaut, waveform, RenderOptions(steps=1), pose_frames=frames)
+    state = RenderState(options=RenderOptions(steps=1), image=astronaut, waveform=load_audio(speech_wav))
+    state.pose_track = pipeline.measure_pose_track(frames)
+    state = pipeline.render(state)
     cond = seen[0][0].numpy()
     t = cond.shape[0]
     measured = analyze_video_frames(frames)
     index = np.minimum(np.arange(t), len(frames) - 1)  # a driving video shorter than the speech holds its last frame
-    portrait = info["portrait"]
+    portrait = state.portrait
     np.testing.assert_allclose(cond[:, 1024:1030], measured["pose"][index] - portrait.pose, atol=1e-4)
     np.testing.assert_allclose(cond[:, 1030:1032], measured["eye_ratios"][index] - portrait.eyes, atol=1e-5)
 
@@ -122,3 +123,18 @@ def test_bad_inputs_give_one_clear_error_and_no_output(bad_inputs, tmp_path, cap
         assert expected in err and "Traceback" not in err, f"{name}: {err}"
         assert err.strip().count("\n") == 0, f"{name}: expected one line, got {err}"
         assert not out.exists(), name
+
+
+def test_quiet_render_prints_only_the_result(checkpoints, astronaut_png, speech_wav, tmp_path):
+    """`dawn render --quiet` in a fresh process: no mediapipe / TensorFlow Lite start-up lines on stderr,
+    one line on stdout."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.mp4"
+    proc = subprocess.run([sys.executable, "-m", "dawn.cli", "render", "--checkpoints", str(checkpoints),
+                           "--portrait", str(astronaut_png), "--audio", str(speech_wav), "--out", str(out),
+                           "--steps", "1", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith(f"wrote {out}:") and proc.stdout.count("\n") == 1

@@ -37,7 +37,7 @@ def models():
 
 
 def reference_unet(a2v: A2VFDM, **changes) -> A2VFDM:
-    reference = A2VFDM(dataclasses.replace(a2v.config, reference_mode=True, **changes)).eval()
+    reference = A2VFDM(dataclasses.replace(a2v.config, **changes)).use_reference_attention().eval()
     reference.load_state_dict(a2v.state_dict())
     return reference
 

@@ -1,5 +1,5 @@
-"""dawn.serving without Ray: limits, upload checks, error mapping, the job table, the background render
-sequence (with in-process stages), and A2V-FDM request batching."""
+"""dawn.serving without Ray: limits, request options, upload checks, error mapping, the job table and the
+background render sequence (the pipeline's stages run in this process on tiny random checkpoints)."""
 
 import asyncio
 import json
@@ -7,16 +7,29 @@ import json
 import numpy as np
 import pytest
 
-from dawn.audio import num_frames
 from dawn import DawnError
-from dawn.pipeline import Motion, Portrait, RenderOptions, RenderPipeline
-from dawn.serving import (FramesRequest, JobTable, RenderService, RequestError, ServeLimits, ServiceBusy, Upload,
-                          error_body, error_status, prepare_render, render_frames_batched, render_options)
+from dawn.pipeline import Motion, OptionError, Portrait, RenderOptions, RenderPipeline, RenderState
+from dawn.serving import (InProcessStages, JobTable, RenderService, RequestError, ServeLimits, ServiceBusy,
+                          check_decoded, check_upload_size, error_body, error_status, upload)
 
 
-def _upload(field, path_or_bytes, name=None):
-    data = path_or_bytes if isinstance(path_or_bytes, bytes) else path_or_bytes.read_bytes()
-    return Upload(field=field, filename=name or f"{field}.bin", data=data)
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from dawn.render import init_checkpoints
+
+    return RenderPipeline.from_checkpoints(init_checkpoints(tmp_path_factory.mktemp("ckpt"), preset="tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_second(speech_wav, tmp_path_factory):
+    """1 s of real speech as wav bytes (25 frames)."""
+    import soundfile
+
+    from dawn.audio import load_audio
+
+    path = tmp_path_factory.mktemp("speech") / "one.wav"
+    soundfile.write(str(path), load_audio(speech_wav)[8000:24000], 16000)
+    return path.read_bytes()
 
 
 # ---- limits, options, errors -----------------------------------------------------------------------
@@ -30,22 +43,23 @@ def test_limits_from_string_args_and_checks():
         ServeLimits.from_args({"max_steps": "many"})
 
 
-def test_render_options_checks_steps_and_seed():
+def test_request_options_take_the_service_defaults_and_limits():
     limits = ServeLimits(max_steps=50, default_steps=7)
-    assert render_options(None, None, limits) == RenderOptions(steps=7, seed=0)
-    assert render_options(5, 50, limits).seed == 5
-    for seed, steps, match in ((0, 0, "steps"), (0, 51, "steps"), (-1, 10, "seed")):
-        with pytest.raises(RequestError, match=match) as info:
-            render_options(seed, steps, limits)
-        assert error_status(info.value) == 400
-    # DDIM eta and sampler: the request's, else the service's defaults (the reference's eta 1 and DDIM)
-    assert (render_options(None, None, limits).eta, render_options(None, None, limits).sampler) == (1.0, "ddim")
-    chosen = render_options(None, None, limits, eta=0.0, sampler="dpm-solver++")
-    assert (chosen.eta, chosen.sampler) == (0.0, "dpm-solver++")
-    assert render_options(None, None, ServeLimits(default_eta=0.0)).eta == 0.0
-    for changes, match in (({"eta": 1.5}, "eta"), ({"eta": -0.1}, "eta"), ({"sampler": "euler"}, "sampler")):
-        with pytest.raises(RequestError, match=match):
-            render_options(None, None, limits, **changes)
+    assert limits.options({}) == RenderOptions(steps=7, seed=0)
+    assert limits.options({"seed": 5, "steps": None, "eta": ""}) == RenderOptions(steps=7, seed=5)
+    chosen = limits.options({"eta": 0.0, "sampler": "dpm-solver++", "crop": "none"})
+    assert (chosen.eta, chosen.sampler, chosen.crop) == (0.0, "dpm-solver++", "none")
+    assert ServeLimits(default_eta=0.0).options({}).eta == 0.0
+    with pytest.raises(RequestError, match="at most 50") as info:
+        limits.options({"steps": 51})
+    assert error_status(info.value) == 422
+    for fields, message in (({"steps": 0}, "steps must be at least 1, got 0"),
+                            ({"eta": 1.5}, "eta must be between 0 and 1, got 1.5"),
+                            ({"seed": -1}, "seed must be between 0 and 2**63 - 1, got -1"),
+                            ({"sampler": "euler"}, "sampler must be one of ddim, dpm-solver++, got 'euler'")):
+        with pytest.raises(OptionError) as info:
+            limits.options(fields)
+        assert str(info.value) == message and error_status(info.value) == 422
     with pytest.raises(DawnError, match="default_eta"):
         ServeLimits(default_eta=2.0)
 
@@ -69,14 +83,23 @@ def test_error_mapping():
     assert error_body(busy)[1] == {"Retry-After": "5"}
 
 
-# ---- uploads -> prepared inputs ----------------------------------------------------------------------
+# ---- uploads through the inputs stage ----------------------------------------------------------------
 
-def test_prepare_render_accepts_a_portrait_and_speech(astronaut_png, speech_wav):
-    prepared = prepare_render(RenderPipeline(), _upload("portrait", astronaut_png, "a.png"),
-                              _upload("audio", speech_wav, "s.wav"), None, resolution=64, limits=ServeLimits())
-    assert prepared.portrait.image.shape == (64, 64, 3) and prepared.portrait.pose.shape == (6,)
-    assert prepared.waveform.dtype == np.float32 and 2.0 < len(prepared.waveform) / 16000 < 6.0
-    assert prepared.num_frames == num_frames(len(prepared.waveform)) and prepared.pose_frames is None
+def _decode_uploads(pipeline, portrait: bytes, audio: bytes, limits: ServeLimits) -> RenderState:
+    """What the service does before it answers 202: sizes checked, the inputs stage, the decoded limits."""
+    inputs = {"portrait": upload("portrait", "p.png", portrait), "audio": upload("audio", "s.wav", audio)}
+    for media in inputs.values():
+        check_upload_size(media, limits)
+    state = RenderState.from_bytes(pipeline.run_bytes("inputs", RenderState(inputs=inputs).to_bytes()))
+    check_decoded(state, limits)
+    return state
+
+
+def test_uploads_decode_to_a_portrait_crop_and_speech(pipeline, astronaut_png, one_second):
+    state = _decode_uploads(pipeline, astronaut_png.read_bytes(), one_second, ServeLimits())
+    assert state.portrait.image.shape == (64, 64, 3) and state.portrait.pose.shape == (6,)
+    assert state.waveform.dtype == np.float32 and state.num_frames == 25
+    assert all(media.data is None for media in state.inputs.values())  # the bytes do not travel further
 
 
 @pytest.mark.parametrize("case, status, message", [
@@ -84,15 +107,15 @@ def test_prepare_render_accepts_a_portrait_and_speech(astronaut_png, speech_wav)
     ("not an image", 422, "portrait upload: cannot read the image p.png"),
     ("no face", 422, "no face found"),
     ("not audio", 422, "audio upload: cannot decode audio from s.wav"),
-    ("too long", 422, "limit is 1 s"),
+    ("too long", 422, "limit is 0.5 s"),
     ("too large", 413, "larger than the limit"),
 ])
-def test_prepare_render_rejects_bad_uploads(case, status, message, astronaut_png, speech_wav, tmp_path):
+def test_bad_uploads_are_named(case, status, message, pipeline, astronaut_png, one_second, tmp_path):
     import cv2
 
     blank = tmp_path / "blank.png"
     cv2.imwrite(str(blank), np.full((256, 256, 3), 200, np.uint8))
-    portrait, audio, limits = astronaut_png.read_bytes(), speech_wav.read_bytes(), ServeLimits()
+    portrait, audio, limits = astronaut_png.read_bytes(), one_second, ServeLimits()
     if case == "empty portrait":
         portrait = b""
     elif case == "not an image":
@@ -102,15 +125,14 @@ def test_prepare_render_rejects_bad_uploads(case, status, message, astronaut_png
     elif case == "not audio":
         audio = b"\x00\x01garbage" * 100
     elif case == "too long":
-        limits = ServeLimits(max_audio_seconds=1)
+        limits = ServeLimits(max_audio_seconds=0.5)
     elif case == "too large":
         limits = ServeLimits(max_upload_bytes=1000)
-    with pytest.raises(RequestError) as info:
-        prepare_render(RenderPipeline(), _upload("portrait", portrait, "p.png"), _upload("audio", audio, "s.wav"),
-                       None, resolution=64, limits=limits)
+    with pytest.raises(DawnError) as info:
+        _decode_uploads(pipeline, portrait, audio, limits)
     assert error_status(info.value) == status
     assert message in str(info.value)
-    assert "dawn-upload-" not in str(info.value)  # names the upload, not a temporary path
+    assert "dawn-input-" not in str(info.value)  # names the upload, not a temporary path
 
 
 # ---- job table ---------------------------------------------------------------------------------------
@@ -159,58 +181,35 @@ def test_retry_after_follows_measured_render_time(tmp_path):
     assert table.retry_after() == 44  # ceil(29 s x (2 waiting + this one) / 2 slots)
 
 
-# ---- the service, with in-process stages ----------------------------------------------------------------
+# ---- the service, with the stages in this process ------------------------------------------------------
 
-class FakeStages:
-    """RenderStages that make grey frames (no models): checks the service's sequence and bookkeeping."""
+class FailingStages(InProcessStages):
+    """The real stages, with one of them failing (as a replica's error would reach the ingress)."""
 
-    def __init__(self, fail_at: str | None = None):
-        self.fail_at, self.calls = fail_at, []
+    def __init__(self, pipeline, fail_at: str, error: Exception):
+        super().__init__(pipeline)
+        self.fail_at, self.error = fail_at, error
 
-    async def resolution(self):
-        return 64
-
-    async def prepare(self, portrait, audio, pose_video, resolution, limits):
-        self.calls.append("prepare")
-        from dawn.serving import PreparedRender
-
-        if not portrait.data:
-            raise RequestError("portrait upload is empty")
-        portrait = Portrait(image=np.zeros((resolution, resolution, 3), np.uint8), pose=np.zeros(6, np.float32),
-                            eyes=np.zeros(2, np.float32), face_box=np.zeros(6, np.float32))
-        return PreparedRender(portrait, np.zeros(16000, np.float32), None)
-
-    async def audio_features(self, waveform):
-        self.calls.append("features")
-        await asyncio.sleep(0.05)
-        return np.zeros((len(waveform) * 25 // 16000, 1024), np.float32)
-
-    async def sample_motion(self, portrait, hubert, seed):
-        self.calls.append("motion")
-        if self.fail_at == "motion":
-            raise DawnError("PBNet needs at least 4 frames")
-        return Motion(pose=np.zeros((len(hubert), 6), np.float32), eyes=np.zeros((len(hubert), 2), np.float32))
-
-    async def motion_from_video(self, frames, num_frames):
-        raise AssertionError("no pose video was sent")
-
-    async def render_frames(self, request):
-        self.calls.append("frames")
-        if self.fail_at == "frames":
-            raise ZeroDivisionError("a bug")
-        return np.full((len(request.hubert), 64, 64, 3), 128, np.uint8)
+    async def run(self, stage, state):
+        if stage == self.fail_at:
+            raise self.error
+        return await super().run(stage, state)
 
 
-def test_service_renders_in_the_background(tmp_path):
+def _submit(service, portrait, audio, **fields):
+    return service.submit(upload("portrait", "p.png", portrait), upload("audio", "a.wav", audio), fields=fields)
+
+
+def test_service_renders_in_the_background(pipeline, astronaut_png, one_second, tmp_path):
     from dawn.video import probe
 
     async def scenario():
-        service = RenderService(FakeStages(), tmp_path, ServeLimits(max_active_renders=1, max_queued_renders=1))
-        jobs = [await service.submit(Upload("portrait", "p.png", b"x"), Upload("audio", "a.wav", b"y"), seed=3)
-                for _ in range(2)]
+        limits = ServeLimits(max_active_renders=1, max_queued_renders=1, default_steps=1)
+        service = RenderService(InProcessStages(pipeline), tmp_path, limits)
+        jobs = [await _submit(service, astronaut_png.read_bytes(), one_second, seed=3) for _ in range(2)]
         assert all(service.status(j.id).status in ("queued", "running") for j in jobs)
         with pytest.raises(ServiceBusy):
-            await service.submit(Upload("portrait", "p.png", b"x"), Upload("audio", "a.wav", b"y"))
+            await _submit(service, astronaut_png.read_bytes(), one_second)
         await service.wait_idle()
         return service, jobs
 
@@ -224,12 +223,13 @@ def test_service_renders_in_the_background(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
-@pytest.mark.parametrize("fail_at, message", [("motion", "PBNet needs at least 4 frames"),
-                                              ("frames", "internal error (ZeroDivisionError): a bug")])
-def test_service_records_failures(fail_at, message, tmp_path):
+@pytest.mark.parametrize("fail_at, error, message", [
+    ("motion", DawnError("PBNet needs at least 4 frames"), "PBNet needs at least 4 frames"),
+    ("frames", ZeroDivisionError("a bug"), "internal error (ZeroDivisionError): a bug")])
+def test_service_records_failures(fail_at, error, message, pipeline, astronaut_png, one_second, tmp_path):
     async def scenario():
-        service = RenderService(FakeStages(fail_at), tmp_path)
-        job = await service.submit(Upload("portrait", "p.png", b"x"), Upload("audio", "a.wav", b"y"))
+        service = RenderService(FailingStages(pipeline, fail_at, error), tmp_path, ServeLimits(default_steps=1))
+        job = await _submit(service, astronaut_png.read_bytes(), one_second)
         await service.wait_idle()
         return service.status(job.id)
 
@@ -238,13 +238,15 @@ def test_service_records_failures(fail_at, message, tmp_path):
     assert not list(tmp_path.glob("*.mp4"))
 
 
-def test_service_rejects_before_admitting(tmp_path):
+def test_service_rejects_before_admitting(pipeline, astronaut_png, one_second, tmp_path):
     async def scenario():
-        service = RenderService(FakeStages(), tmp_path)
+        service = RenderService(InProcessStages(pipeline), tmp_path)
         with pytest.raises(RequestError, match="empty"):
-            await service.submit(Upload("portrait", "p.png", b""), Upload("audio", "a.wav", b"y"))
-        with pytest.raises(RequestError, match="steps"):
-            await service.submit(Upload("portrait", "p.png", b"x"), Upload("audio", "a.wav", b"y"), steps=0)
+            await _submit(service, b"", one_second)
+        with pytest.raises(OptionError, match="steps must be at least 1"):
+            await _submit(service, astronaut_png.read_bytes(), one_second, steps=0)
+        with pytest.raises(DawnError, match="cannot decode audio"):
+            await _submit(service, astronaut_png.read_bytes(), b"noise" * 100)
         return service
 
     service = asyncio.run(scenario())
@@ -253,46 +255,42 @@ def test_service_rejects_before_admitting(tmp_path):
 
 # ---- A2V-FDM batching --------------------------------------------------------------------------------
 
-class RecordingPipeline:
-    """sample_flows_batch / decode_frames that record the batches they get; length 13 fails."""
+def test_frames_stage_batches_by_shape_and_isolates_failures(pipeline, monkeypatch):
+    """States of one length and sampler settings share a sampling pass (each with its own seed); a failing
+    group fails only its own states."""
+    rng = np.random.default_rng(0)
+    s = pipeline.resolution
 
-    def __init__(self):
-        self.batches = []
+    def state(frames, seed, steps=1):
+        portrait = Portrait(image=rng.integers(0, 255, (s, s, 3), dtype=np.uint8), pose=np.zeros(6, np.float32),
+                            eyes=np.full(2, 0.3, np.float32), face_box=np.float32([10, 50, 12, 52, s, s]))
+        motion = Motion(pose=np.zeros((frames, 6), np.float32), eyes=np.full((frames, 2), 0.3, np.float32))
+        return RenderState(options=RenderOptions(steps=steps, seed=seed), portrait=portrait, motion=motion,
+                           hubert=rng.normal(size=(frames, 1024)).astype(np.float32))
 
-    def sample_flows_batch(self, portraits, huberts, motions, options, seeds):
-        self.batches.append((len(huberts[0]), list(seeds)))
-        if len(huberts[0]) == 13:
-            raise DawnError("13 frames are unlucky")
-        return np.stack([np.full((3, len(huberts[0]), 4, 4), s, np.float32) for s in seeds])
+    batches, sample = [], pipeline.sample_flows_batch
 
-    def decode_frames(self, portrait, flows, batch_size):
-        return flows[0, 0]  # (T, 4, 4): the seed, so the test sees which request it belongs to
+    def recording(portraits, huberts, motions, options, seeds, progress=None):
+        batches.append((len(huberts[0]), list(seeds)))
+        if len(huberts[0]) == 5:
+            raise DawnError("5 frames are unlucky")
+        return sample(portraits, huberts, motions, options, seeds, progress)
 
-
-def _frames_request(frames, seed, steps=5):
-    portrait = Portrait(image=np.zeros((64, 64, 3), np.uint8), pose=np.zeros(6), eyes=np.zeros(2), face_box=np.zeros(6))
-    motion = Motion(pose=np.zeros((frames, 6)), eyes=np.zeros((frames, 2)))
-    return FramesRequest(portrait, np.zeros((frames, 1024), np.float32), motion, RenderOptions(steps=steps, seed=seed))
-
-
-def test_render_frames_batched_groups_by_shape_and_isolates_failures():
-    pipeline = RecordingPipeline()
-    requests = [_frames_request(10, 1), _frames_request(12, 2), _frames_request(10, 3), _frames_request(13, 4),
-                _frames_request(10, 5, steps=9), _frames_request(10, 6)]
-    results = render_frames_batched(pipeline, requests, max_batch=2)
-    assert pipeline.batches == [(10, [1, 3]), (10, [6]), (12, [2]), (13, [4]), (10, [5])]
-    for request, result in zip(requests, results):
-        if len(request.hubert) == 13:
-            assert isinstance(result, DawnError)
-        else:
-            assert result.shape == (len(request.hubert), 4, 4) and (result == request.options.seed).all()
+    monkeypatch.setattr(pipeline, "sample_flows_batch", recording)
+    states = [state(4, 1), state(6, 2), state(4, 3), state(5, 4), state(4, 5, steps=2)]
+    results = pipeline.run_stage("frames", states)
+    assert batches == [(4, [1, 3]), (6, [2]), (5, [4]), (4, [5])]
+    assert isinstance(results[3], DawnError) and "unlucky" in str(results[3])
+    for k in (0, 1, 2, 4):
+        assert results[k].frames.shape == (len(results[k].hubert), s, s, 3)
+        assert results[k].timings["frames"] > 0
 
 
 def test_sample_flows_batch_matches_single_renders():
     """A render's flows do not depend on what it is batched with (its own seeded noise)."""
     import torch
 
-    from dawn.render import build_models
+    from dawn.config import build_models
 
     models = build_models("tiny")
     pipeline = RenderPipeline(lfg=models["lfg"], a2v=models["a2v"])
@@ -368,10 +366,11 @@ def test_api_keys_from_file_and_bearer_check(tmp_path):
         ApiKeys.from_file(tmp_path / "missing.txt")
 
 
-def test_a_render_is_visible_only_to_its_key(tmp_path):
+def test_a_render_is_visible_only_to_its_key(pipeline, astronaut_png, one_second, tmp_path):
     async def scenario():
-        service = RenderService(FakeStages(), tmp_path, ServeLimits())
-        job = await service.submit(Upload("portrait", "p.png", b"x"), Upload("audio", "a.wav", b"y"), owner="alice")
+        service = RenderService(InProcessStages(pipeline), tmp_path, ServeLimits(default_steps=1))
+        job = await service.submit(upload("portrait", "p.png", astronaut_png.read_bytes()),
+                                   upload("audio", "a.wav", one_second), owner="alice")
         await service.wait_idle()
         return service, job
 

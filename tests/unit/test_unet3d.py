@@ -186,7 +186,7 @@ def test_windowed_equals_reference_mode_full_mask(monkeypatch):
     """window 4 over 30 frames: local_attention's blocks (and several spatial chunks) vs the T x T mask."""
     model = random_model(window=4)
     torch.nn.init.normal_(model.unet.time_rel_pos_bias.relative_attention_bias.weight)
-    reference = random_model(window=4, reference_mode=True)
+    reference = random_model(window=4).use_reference_attention()
     reference.load_state_dict(model.state_dict())
     x_t, t, features, cond = random_inputs(model.config, batch=1, frames=30)
     monkeypatch.setattr(unet3d, "TEMPORAL_TOKENS_PER_CHUNK", 30 * 24)  # 24 of 64 positions per chunk
