@@ -36,6 +36,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DawnError(f"audio file not found: {path}")
+    _check_complete(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
@@ -65,6 +66,28 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise DawnError(f"{path} is too short: {len(waveform) / sample_rate * 1000:.1f} ms of audio, "
                         f"at least one video frame ({1000 // FPS} ms) is needed")
     return np.ascontiguousarray(waveform, dtype=np.float32)
+
+
+def _check_complete(path: Path) -> None:
+    """DawnError for a RIFF WAV whose header declares more audio data than the file holds (a cut-off
+    download or upload); decoders read what is there silently. Sizes 0 and 0xFFFFFFFF mean "unknown" (streamed
+    WAVs) and pass."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    offset = 12
+    while offset + 8 <= len(head):
+        chunk, size = head[offset:offset + 4], struct.unpack("<I", head[offset + 4:offset + 8])[0]
+        if chunk == b"data":
+            available = path.stat().st_size - (offset + 8)
+            if size not in (0, 0xFFFFFFFF) and size > available + 4096:
+                raise DawnError(f"{path} is truncated: its header declares {size} bytes of audio but the file "
+                                f"holds {max(0, available)}")
+            return
+        offset += 8 + size + (size & 1)  # chunks are padded to an even size
 
 
 def num_frames(num_samples: int) -> int:

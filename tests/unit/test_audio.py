@@ -121,6 +121,23 @@ def test_bad_audio_raises_dawn_error(tmp_path):
     assert len(load_audio(tmp_path / "silent_video.mp4")) >= 16000  # silence is still valid audio
 
 
+def test_a_wav_holding_less_than_its_header_claims_is_truncated(tmp_path):
+    """A cut-off WAV (header: 2 GB of samples, file: 0.1 s) is refused; a streamed WAV of unknown size is read."""
+    import struct
+
+    path = tmp_path / "cut.wav"
+    soundfile.write(str(path), np.zeros(1600, np.float32), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data")
+    data[at + 4:at + 8] = struct.pack("<I", 2_000_000_000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DawnError, match=r"cut.wav is truncated: its header declares 2000000000 bytes of audio but the file holds 3200"):
+        load_audio(path)
+    data[at + 4:at + 8] = struct.pack("<I", 0xFFFFFFFF)  # what a streaming writer leaves
+    path.write_bytes(bytes(data))
+    assert len(load_audio(path)) == 1600
+
+
 def test_frame_count_rule():
     assert num_frames(16000) == 25
     assert num_frames(319) == 0 and num_frames(320) == 1 and num_frames(640) == 1
