@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -116,6 +117,8 @@ def run_training(config: TrainConfig, address: str | None = None, num_cpus: int 
             storage_path=config.storage_path, name=config.run_name,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            # Ray Train tees every worker print() to its logger as well, which shows each line twice
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": dataset},
     )
@@ -243,6 +246,8 @@ def _close_mlflow_run(config: TrainConfig, run_id: str, status: str) -> None:
 def train_worker(loop_config: dict) -> None:
     """Ray Train per-worker function (every rank runs it)."""
     config = TrainConfig.from_dict(loop_config["config"])
+    # DeepSpeed's own call of a renamed torch.distributed function, once per worker; nothing a user can change
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
     if not config.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     import ray.train

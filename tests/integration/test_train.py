@@ -104,7 +104,7 @@ def test_lfg_trains_tracks_and_exports(lfg_run):
     assert {k for k, _ in history(lfg_run, "equivariance_shift")}  # MRAA terms are logged too
 
 
-def test_pbnet_resumes_after_a_worker_dies(ray_local, workspace, monkeypatch):
+def test_pbnet_resumes_after_a_worker_dies(ray_local, workspace, monkeypatch, capfd):
     """Rank 1 exits hard at step 5; Ray restarts the group from the step-3 checkpoint: the step count goes
     on, only steps after that checkpoint are trained twice, and the run still finishes and exports."""
     from dawn.train.loop import run_training
@@ -113,6 +113,9 @@ def test_pbnet_resumes_after_a_worker_dies(ray_local, workspace, monkeypatch):
     config = tiny("pbnet_pose", workspace, max_failures=1, objective_options={"window": 40})
     summary = run_training(config)
     assert (config.resolved().run_dir / ".failed_once_at_step_5").is_file()
+    output = capfd.readouterr().out
+    progress = [line for line in output.splitlines() if "step 2/" in line and config.resolved().run_name in line]
+    assert len(progress) == 1, progress  # rank 0's progress line, shown once (not once per worker or handler)
     rec = history(summary, "rec")
     assert rec[-1][1] < rec[0][1], f"PBNet reconstruction loss did not go down: {rec}"
     steps = [s for s, _ in rec]
