@@ -7,9 +7,10 @@ mask that is
 - 0 outside the box and on its edge: there the output is the portrait itself;
 - rising to 1 across a band inside the box (`WIDE_BAND` of its side), so no edge shows where the render and
   the portrait differ slightly;
-- closer to the edge where the head moved in that frame (pixels that differ from the source crop by more than
-  `MOTION_THRESHOLD`): a head that turns or nods is followed up to a narrow band (`NARROW_BAND`) instead of
-  being faded out at a fixed box.
+- closer to the edge where the head moved in that frame (pixels around the face, `HEAD_EXTENT` x its box,
+  that differ from the source crop by more than `MOTION_THRESHOLD`): a head that turns or nods is followed up
+  to a narrow band (`NARROW_BAND`) instead of being faded out at a fixed box, while the rest of the crop (the
+  background, the shoulders) fades into the portrait over the wide band.
 
 The work is batched in torch (resize, mask, blend), `batch` frames at a time, so a long video is never held
 at full resolution.
@@ -23,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-WIDE_BAND = 0.15  # share of the crop side over which the mask rises where nothing moved
+WIDE_BAND = 0.2  # share of the crop side over which the mask rises where nothing moved
 NARROW_BAND = 0.04  # the same where the head moved
 MOTION_THRESHOLD = 0.08  # mean |frame - source| (0-1) above which a crop pixel counts as moved
 MOTION_SPREAD = 0.06  # moved regions are widened by this share of the crop side (soft dilation)
+HEAD_EXTENT = 1.6  # where head motion is looked for: the face box scaled by this about its centre
 
 
 def output_size(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -41,9 +43,10 @@ def _smoothstep(x: torch.Tensor) -> torch.Tensor:
     return x * x * (3 - 2 * x)
 
 
-def blend_masks(frames: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+def blend_masks(frames: torch.Tensor, source: torch.Tensor, face_box=None) -> torch.Tensor:
     """Soft masks (B, 1, S, S) in [0, 1] for rendered crops `frames` (B, 3, S, S) and the source crop `source`
-    (1, 3, S, S), both float in [0, 1]: 0 on the crop's edge, 1 inside, the band narrower where the head moved."""
+    (1, 3, S, S), both float in [0, 1]: 0 on the crop's edge, 1 inside, the band narrower where the head moved.
+    face_box [x_min, x_max, y_min, y_max, ...] in crop pixels (None: the whole crop may hold the head)."""
     size = frames.shape[-1]
     index = torch.arange(size, dtype=torch.float32, device=frames.device) + 0.5
     edge = torch.minimum(index, size - index) - 0.5  # distance to the nearest edge (0 on the edge pixels)
@@ -51,17 +54,26 @@ def blend_masks(frames: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     wide = _smoothstep(distance / (WIDE_BAND * size))
     narrow = _smoothstep(distance / (NARROW_BAND * size))
     moved = ((frames - source).abs().mean(1, keepdim=True) > MOTION_THRESHOLD).float()
+    if face_box is not None:
+        x_min, x_max, y_min, y_max = (float(v) for v in face_box[:4])
+        cx, cy = (x_min + x_max) / 2, (y_min + y_max) / 2
+        hx, hy = HEAD_EXTENT * (x_max - x_min) / 2, HEAD_EXTENT * (y_max - y_min) / 2
+        inside_x = ((index - cx).abs() <= hx).float()
+        inside_y = ((index - cy).abs() <= hy).float()
+        moved = moved * (inside_y[:, None] * inside_x[None, :])
     radius = max(1, int(round(MOTION_SPREAD * size)))
     moved = (F.avg_pool2d(moved, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False) * 3).clamp(0, 1)
     return torch.maximum(wide, moved * narrow)
 
 
 def paste_back(image: np.ndarray, frames: np.ndarray, source: np.ndarray, box: tuple[int, int, int, int] | None,
-               max_side: int, batch: int = 16, device: str | torch.device = "cpu") -> Iterator[np.ndarray]:
+               max_side: int, face_box=None, batch: int = 16, device: str | torch.device = "cpu"
+               ) -> Iterator[np.ndarray]:
     """The rendered crops `frames` (T, S, S, 3) uint8 composited into the portrait `image` (H, W, 3) uint8,
     yielded as batches (b, h, w, 3) uint8 at `output_size(H, W, max_side)`.
 
-    source (S, S, 3): the crop the models saw (frame 0's reference for the motion part of the mask);
+    source (S, S, 3): the crop the models saw (frame 0's reference for the motion part of the mask), face_box
+    its face box (see blend_masks);
     box (x0, y0, x1, y1): where that crop lies in `image` (None: the whole image, crop "none"); it may extend
     past the image (the crop padded it), the part outside is dropped.
     """
@@ -86,7 +98,7 @@ def paste_back(image: np.ndarray, frames: np.ndarray, source: np.ndarray, box: t
     source_tensor = to_tensor(source)
     for start in range(0, len(frames), batch):
         crops = to_tensor(frames[start:start + batch])
-        masks = blend_masks(crops, source_tensor)
+        masks = blend_masks(crops, source_tensor, face_box)
         resized = F.interpolate(torch.cat([crops, masks], 1), size=(bh, bw), mode="bicubic", align_corners=False)
         resized = resized[:, :, oy0 - by0:oy1 - by0, ox0 - bx0:ox1 - bx0]
         render, mask = resized[:, :3].clamp(0, 1), resized[:, 3:].clamp(0, 1)

@@ -682,6 +682,7 @@ def write_video(state: RenderState, path: str | Path) -> Path:
         if state.image is None:
             raise DawnError(f"{state.name}: paste-back needs the original portrait, and this render has none")
         box = None if state.portrait.crop_box is None else tuple(int(v) for v in state.portrait.crop_box)
-        frames = paste_back(state.image, state.frames, state.portrait.image, box, state.options.max_side)
+        frames = paste_back(state.image, state.frames, state.portrait.image, box, state.options.max_side,
+                            face_box=state.portrait.face_box)
     write_mp4(path, frames, fps=FPS, audio=state.waveform)
     return Path(path)
