@@ -16,7 +16,10 @@ import asyncio
 from pathlib import Path
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -116,10 +119,74 @@ api = FastAPI(title="dawn", version="1",
                           "diffusion pass).")
 
 
+# ---- the API's bodies, as the OpenAPI document declares them --------------------------------------
+
+class ErrorBody(BaseModel):
+    """Every error: the reason in one line, and the HTTP status."""
+    error: str
+    status: int
+
+
+class RenderAccepted(BaseModel):
+    id: str
+    status: str
+    status_url: str
+    video_url: str
+
+
+class RenderStatus(BaseModel):
+    id: str
+    status: str  # queued | running | done | failed
+    stage: str
+    progress: float
+    error: str | None
+    frames: int | None
+    seed: int
+    steps: int
+    created: float
+    started: float | None
+    finished: float | None
+
+
+class FaceLocation(BaseModel):
+    crop_box: list[int]  # x0, y0, x1, y1 in the image's pixels
+    width: int
+    height: int
+    faces: int
+
+
+class Health(BaseModel):
+    status: str
+    auth_required: bool
+    renders: dict[str, int]
+    limits: dict[str, float | int | str]
+
+
+def _errors(*codes: int) -> dict:
+    reasons = {400: "bad request (an empty upload, a malformed form)", 401: "no valid API key",
+               404: "unknown render id", 409: "the render is not done", 413: "an upload over the size limit",
+               422: "an invalid option or unusable media (no face, undecodable audio, too long, ...)",
+               503: "the render queue is full; retry after Retry-After seconds"}
+    return {code: {"model": ErrorBody, "description": reasons[code]} for code in codes}
+
+
 @api.exception_handler(DawnError)
 async def _dawn_error(request: Request, error: DawnError) -> JSONResponse:
     body, headers = error_body(error)
     return JSONResponse(body, status_code=error_status(error), headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's own form checks, in the API's one error shape: '<field>: <problem>' per problem."""
+    problems = "; ".join(f"{(e.get('loc') or ['request'])[-1]}: {e.get('msg', 'invalid')}" for e in error.errors())
+    return JSONResponse({"error": problems, "status": 422}, status_code=422)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(error.detail), "status": error.status_code}, status_code=error.status_code,
+                        headers=getattr(error, "headers", None))
 
 
 async def _read(file: UploadFile | None, role: str, limits: ServeLimits) -> Media | None:
@@ -137,18 +204,20 @@ class DawnAPI:
         self.service = RenderService(HandleStages(features, pbnet, a2v), output, ServeLimits(**limits))
         self.keys = ApiKeys.from_file(api_key_file)
 
-    @api.post("/v1/renders", status_code=202, summary="Start a render (multipart: portrait, audio, ...)")
+    @api.post("/v1/renders", status_code=202, summary="Start a render (multipart: portrait, audio, ...)",
+              response_model=RenderAccepted, responses=_errors(400, 401, 413, 422, 503))
     async def create_render(self, request: Request, portrait: UploadFile = File(..., description="portrait image"),
                             audio: UploadFile = File(..., description="speech (any audio or video file)"),
-                            pose_video: UploadFile | None = File(None, description="take head pose from this video"),
-                            seed: int | None = Form(None), steps: int | None = Form(None),
-                            eta: float | None = Form(None, description="DDIM eta, 0 (deterministic) to 1"),
-                            sampler: str | None = Form(None, description="ddim or dpm-solver++"),
-                            crop: str | None = Form(None, description="face (default) or none"),
-                            paste_back: bool | None = Form(None, description="the whole portrait with the head "
-                                                                              "blended in (default false)"),
-                            max_side: int | None = Form(None, description="with paste_back: the video's "
-                                                                          "longer side at most this")) -> dict:
+                            pose_video: UploadFile = File(None, description="take head pose from this video"),
+                            seed: int = Form(None, description="noise seed (default 0)"),
+                            steps: int = Form(None, description="sampling steps (default: the service's)"),
+                            eta: float = Form(None, description="DDIM eta, 0 (deterministic) to 1"),
+                            sampler: str = Form(None, description="ddim or dpm-solver++"),
+                            crop: str = Form(None, description="face (default) or none"),
+                            paste_back: bool = Form(None, description="the whole portrait with the head "
+                                                                      "blended in (default false)"),
+                            max_side: int = Form(None, description="with paste_back: the video's longer side "
+                                                                   "at most this")) -> dict:
         owner = self.keys.owner(request.headers.get("authorization"))
         limits = self.service.limits
         fields = {"seed": seed, "steps": steps, "eta": eta, "sampler": sampler, "crop": crop,
@@ -158,18 +227,21 @@ class DawnAPI:
         return {"id": job.id, "status": job.status, "status_url": f"/v1/renders/{job.id}",
                 "video_url": f"/v1/renders/{job.id}/video"}
 
-    @api.get("/v1/renders/{render_id}", summary="Status: queued / running / done / failed, progress, error")
+    @api.get("/v1/renders/{render_id}", summary="Status: queued / running / done / failed, progress, error",
+             response_model=RenderStatus, responses=_errors(401, 404, 422))
     async def get_render(self, request: Request, render_id: str) -> dict:
         return self.service.status(render_id, self.keys.owner(request.headers.get("authorization"))).public()
 
     @api.get("/v1/renders/{render_id}/video", summary="The rendered mp4 (409 until done)",
-             response_class=FileResponse)
+             response_class=FileResponse, responses={200: {"content": {"video/mp4": {}}, "description": "the mp4"},
+                                                     **_errors(401, 404, 409, 422)})
     async def get_video(self, request: Request, render_id: str) -> FileResponse:
         owner = self.keys.owner(request.headers.get("authorization"))
         return FileResponse(self.service.video_path(render_id, owner), media_type="video/mp4",
                             filename=f"{render_id}.mp4")
 
-    @api.post("/v1/faces", summary="Where the render's face crop lies in a portrait (multipart: portrait)")
+    @api.post("/v1/faces", summary="Where the render's face crop lies in a portrait (multipart: portrait)",
+              response_model=FaceLocation, responses=_errors(400, 401, 413, 422))
     async def locate_face(self, request: Request,
                           portrait: UploadFile = File(..., description="portrait image")) -> dict:
         self.keys.owner(request.headers.get("authorization"))
@@ -180,7 +252,7 @@ class DawnAPI:
         """The browser page (dawn/serve/static/index.html): upload, options, progress, player."""
         return HTMLResponse(PAGE)
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=Health)
     async def healthz(self) -> dict:
         return self.service.health(auth_required=self.keys.required)
 

@@ -182,7 +182,10 @@ def test_missing_field_is_a_client_error(server, media):
     url, _ = server
     response = requests.post(f"{url}/v1/renders", files={"portrait": ("p.png", media["portrait"], "image/png")},
                              timeout=30)
-    assert response.status_code == 422 and "audio" in response.text
+    assert response.status_code == 422
+    assert response.json() == {"error": "audio: Field required", "status": 422}  # the API's one error shape
+    unknown = requests.get(f"{url}/v1/nothing-here", timeout=30)
+    assert unknown.status_code == 404 and unknown.json() == {"error": "Not Found", "status": 404}
 
 
 # ---- one render path: dawn render, the HTTP API and the batch job agree ---------------------------------

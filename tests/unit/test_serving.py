@@ -388,3 +388,29 @@ def test_a_render_is_visible_only_to_its_key(pipeline, astronaut_png, one_second
     assert service.status(job.id, "alice").status == "done"
     with pytest.raises(RequestError):
         service.status(job.id, "bob")
+
+
+def test_the_openapi_document_says_what_the_api_answers():
+    """Every status the API returns is documented with one error shape, 2xx bodies are typed, and no form
+    field is declared nullable (a multipart form cannot send null)."""
+    from dawn.serve.app import api
+
+    spec = api.openapi()
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
+    create = paths["/v1/renders"]["post"]
+    assert set(create["responses"]) == {"202", "400", "401", "413", "422", "503"}
+    assert set(paths["/v1/renders/{render_id}/video"]["get"]["responses"]) >= {"200", "404", "409"}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            for code, response in operation["responses"].items():
+                schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+                if code.startswith(("4", "5")):
+                    assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, code)
+                elif "application/json" in response.get("content", {}):
+                    assert "$ref" in schema, (method, path, code)  # a declared model, not "any object"
+    assert set(schemas["ErrorBody"]["required"]) == {"error", "status"}
+    form = schemas[create["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]]
+    assert set(form["required"]) == {"portrait", "audio"}
+    for name, field in form["properties"].items():
+        assert "anyOf" not in field and field.get("type") != "null", name
+    assert {"seed", "steps", "eta", "sampler", "crop", "paste_back", "max_side"} <= set(form["properties"])
