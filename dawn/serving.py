@@ -1,19 +1,24 @@
-"""The render service behind the HTTP API, without Ray: limits, API keys, upload checks, the job table and
-the render sequence (`dawn serve` itself is dawn/serve/command.py).
+"""The render service behind the HTTP API, without Ray: limits, API keys, upload checks, durable render
+records, admission and the render sequence (`dawn serve` itself is dawn/serve/command.py).
 
-The Serve app (dawn/serve/app.py) is a thin layer over this module: its deployments hold `RenderPipeline`s and
-run the stages of dawn.pipeline; its ingress holds one `RenderService`, which checks the options and the
-uploads, admits or refuses renders (503 + Retry-After when the queue is full), runs the `inputs` stage before
-answering (so bad media is a 4xx), the other stages in the background through a `RenderStages` object (the
-deployment handles; states cross as `RenderState.to_bytes()`), and writes the mp4 and a status JSON
-atomically to the output directory:
+Three parts, so that any number of ingress replicas can answer for the same renders:
 
-    POST /v1/renders     -> RenderService.submit   (202 + render id; 4xx for bad input; 503 when full)
-    GET  /v1/renders/ID  -> RenderService.status   (queued / running / done / failed, progress, error)
-    GET  .../ID/video    -> RenderService.video_path  (404 unknown id, 409 not done)
+    RenderStore   the output volume: <id>.json (the render's record, rewritten atomically at every change),
+                  <id>.mp4, and .inputs/<id>/ (the stored uploads and options until the render ends)
+    RenderQueue   one per application: admission (queue limits, per-key rate limit), the render sequence
+                  over the stage replicas (`RenderStages`), one retry of a stage whose replica died, and on
+                  start-up the records a restart left unfinished (resumed once, or failed with a reason)
+    Frontend      one per ingress replica: checks the options and the uploads (size, type, a WAV's declared
+                  length), stores them and answers 202 at once; status and video come from the store
+
+    POST /v1/renders        -> Frontend.submit      (202 + id; 4xx for bad input; 429 / 503 + Retry-After)
+    GET  /v1/renders        -> Frontend.list        (the caller's renders, newest first, paged)
+    GET  /v1/renders/ID     -> Frontend.status      (queued / running / done / failed, progress, error)
+    GET  /v1/renders/ID/video -> Frontend.video_path  (404 unknown id, 409 not done)
 
 Every user-caused problem is a `DawnError`; `error_status` / `error_body` turn one into an HTTP status and
-a JSON body naming the problem.
+a JSON body naming the problem. Problems found while decoding (no face, speech too long) end the render
+`failed` with the reason.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
 import re
-import threading
+import shutil
+import struct
 import time
 import uuid
 from collections import deque
@@ -36,6 +43,7 @@ from typing import Protocol
 
 from dawn import DawnError
 from dawn.config import SAMPLE_RATE
+from dawn.checkpoint import atomic_write_bytes
 from dawn.pipeline import SAMPLERS, STAGES, Media, RenderOptions, RenderState, write_video
 
 log = logging.getLogger(__name__)
@@ -62,7 +70,7 @@ class RequestError(DawnError):
 
 
 class ServiceBusy(RequestError):
-    """The render queue is full: 503 with a Retry-After hint in seconds."""
+    """The render queue is full (or restarting): 503 with a Retry-After hint in seconds."""
 
     status_code = 503
 
@@ -72,6 +80,24 @@ class ServiceBusy(RequestError):
 
     def __reduce__(self):
         return type(self), (str(self), self.retry_after_s)
+
+
+class RateLimited(ServiceBusy):
+    """This API key submitted more renders in the last minute than the per-key limit: 429 + Retry-After."""
+
+    status_code = 429
+
+
+class StageLost(Exception):
+    """The replica running a stage died (or could not be reached) before it answered; raised by a
+    RenderStages so that the queue can retry the stage once."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"the {stage} stage's replica stopped before it answered")
+        self.stage = stage
+
+    def __reduce__(self):
+        return type(self), (self.stage,)
 
 
 def error_status(error: BaseException) -> int:
@@ -147,14 +173,16 @@ class ServeLimits:
     default_eta: float = 1.0  # DDIM eta of requests that name none (1: the reference's stochastic DDIM)
     default_sampler: str = "ddim"
     retry_after_s: int = 10  # Retry-After before any render has finished (later: from measured durations)
+    renders_per_minute: int = 0  # per API key (or per service without keys); 0: no rate limit
 
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_active_renders", "max_steps", "default_steps", "retry_after_s",
                      "max_output_side"):
             if getattr(self, name) < 1:
                 raise DawnError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
-        if self.max_queued_renders < 0 or self.max_audio_seconds <= 0:
-            raise DawnError("serve limits max_queued_renders must be >= 0 and max_audio_seconds > 0")
+        if self.max_queued_renders < 0 or self.max_audio_seconds <= 0 or self.renders_per_minute < 0:
+            raise DawnError("serve limits max_queued_renders and renders_per_minute must be >= 0 and "
+                            "max_audio_seconds > 0")
         if not 0 <= self.default_eta <= 1 or self.default_sampler not in SAMPLERS:
             raise DawnError(f"serve limits: default_eta must be in [0, 1] and default_sampler one of {SAMPLERS}")
 
@@ -182,7 +210,7 @@ class ServeLimits:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Uploads
+# Uploads: checked before a render is admitted by what their first bytes say (no decoding)
 
 def upload(role: str, filename: str | None, data: bytes) -> Media:
     """An uploaded file as a render input."""
@@ -191,10 +219,81 @@ def upload(role: str, filename: str | None, data: bytes) -> Media:
 
 def check_upload_size(media: Media, limits: ServeLimits) -> None:
     if not media.data:
-        raise RequestError(f"{media.role} upload {media.name!r} is empty")
+        raise RequestError(f"{media.role} upload {media.name!r} is empty", 422)
     if len(media.data) > limits.max_upload_bytes:
         raise RequestError(f"{media.role} upload {media.name!r} is larger than the limit of "
                            f"{limits.max_upload_bytes} bytes", 413)
+
+
+# Containers the audio decoder (FFmpeg through PyAV) is offered: (what, test on the first 16 bytes).
+AUDIO_CONTAINERS = (
+    ("WAV", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WAVE"),
+    ("AVI", lambda h: h[:4] == b"RIFF" and h[8:12] == b"AVI "),
+    ("AIFF", lambda h: h[:4] == b"FORM" and h[8:12] in (b"AIFF", b"AIFC")),
+    ("FLAC", lambda h: h[:4] == b"fLaC"),
+    ("Ogg", lambda h: h[:4] == b"OggS"),
+    ("MP3", lambda h: h[:3] == b"ID3" or (h[0] == 0xFF and h[1] & 0xE0 == 0xE0)),  # also AAC ADTS
+    ("MP4/M4A/MOV", lambda h: h[4:8] == b"ftyp"),
+    ("WebM/Matroska", lambda h: h[:4] == b"\x1a\x45\xdf\xa3"),
+)
+VIDEO_CONTAINERS = ("AVI", "MP4/M4A/MOV", "WebM/Matroska")
+
+
+def check_upload(media: Media, limits: ServeLimits) -> None:
+    """Size, then type: a portrait must be an image Pillow can open (its header; dimensions within
+    Pillow's decompression-bomb limit), speech a container of AUDIO_CONTAINERS (a WAV also complete and no
+    longer than max_audio_seconds), a pose video one of VIDEO_CONTAINERS. RequestError (4xx) naming the
+    upload otherwise."""
+    check_upload_size(media, limits)
+    data = media.data
+    if media.role == "portrait":
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.size  # noqa: B018 - the header was parsed
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise RequestError(f"portrait upload {media.name!r} is too large an image: {e}", 413) from None
+        except Exception:  # noqa: BLE001 - Pillow raises many types for bytes that are no image
+            raise RequestError(f"portrait upload: cannot read the image {media.name} (not an image file "
+                               f"Pillow can open)", 422) from None
+        return
+    head = data[:16].ljust(16, b"\0")
+    kind = next((what for what, test in AUDIO_CONTAINERS if test(head)), None)
+    allowed = VIDEO_CONTAINERS if media.role == "pose_video" else tuple(w for w, _ in AUDIO_CONTAINERS)
+    if kind not in allowed:
+        what = "a video" if media.role == "pose_video" else "an audio"
+        raise RequestError(f"{media.role} upload {media.name!r} is not {what} file dawn reads ({', '.join(allowed)})",
+                           422)
+    if kind == "WAV":
+        seconds = wav_seconds(data, f"{media.role} upload {media.name!r}")
+        if seconds > limits.max_audio_seconds:
+            raise RequestError(f"{media.role} upload {media.name!r} is {seconds:.1f} s long; the limit is "
+                               f"{limits.max_audio_seconds:g} s", 422)
+
+
+def wav_seconds(data: bytes, name: str) -> float:
+    """The length a RIFF WAV's header declares, checked against the bytes held: RequestError 422 for a WAV
+    without fmt/data chunks or one whose data chunk claims more than the file holds (a cut-off upload).
+    A streamed WAV's unknown size (0 or 0xFFFFFFFF) counts the bytes held."""
+    offset, rate = 12, None
+    while offset + 8 <= len(data):
+        chunk, size = data[offset:offset + 4], struct.unpack("<I", data[offset + 4:offset + 8])[0]
+        if chunk == b"fmt " and size >= 16:
+            channels, sample_rate, byte_rate = struct.unpack("<HII", data[offset + 10:offset + 20])
+            rate = byte_rate if byte_rate > 0 else None
+        elif chunk == b"data":
+            held = len(data) - (offset + 8)
+            if rate is None:
+                break
+            if size in (0, 0xFFFFFFFF):
+                size = held
+            if size > held + 4096:
+                raise RequestError(f"{name} is truncated: its header declares {size} bytes of audio but the "
+                                   f"file holds {max(0, held)}", 422)
+            return size / rate
+        offset += 8 + size + (size & 1)  # chunks are padded to an even size
+    raise RequestError(f"{name} is not a readable WAV file (no fmt and data chunks)", 422)
 
 
 def check_decoded(state: RenderState, limits: ServeLimits) -> None:
@@ -223,12 +322,12 @@ def locate_face(portrait: Media, limits: ServeLimits) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Job table
+# Render records on the output volume
 
 @dataclass
-class RenderJob:
+class RenderRecord:
     id: str
-    status: str = "queued"
+    status: str = "queued"  # queued | running | done | failed
     stage: str = "queued"
     progress: float = 0.0
     error: str | None = None
@@ -238,127 +337,106 @@ class RenderJob:
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    attempts: int = 0  # times the render was started (a restart in the middle of it starts it again)
     owner: str | None = None  # the API key's owner id; not shown to clients
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def finished_ok(self) -> bool:
+        return self.status in ("done", "failed")
 
     def public(self) -> dict:
         """The record as the API shows it."""
         out = asdict(self)
-        del out["owner"]
+        del out["owner"], out["attempts"]
         return out
 
 
-class JobTable:
-    """Render records in memory, terminal ones also as `<id>.json` next to `<id>.mp4` in the output
-    directory (so a restarted ingress, or another ingress replica on a shared volume, still answers).
-    Thread-safe; admission (queued count vs max_queued_renders) happens here."""
+class RenderStore:
+    """Render records, uploads and videos in one directory (a volume every ingress replica mounts):
 
-    def __init__(self, output_dir: str | Path, limits: ServeLimits, keep_in_memory: int = 10000):
-        self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.limits = limits
-        self.keep_in_memory = keep_in_memory
-        self._jobs: dict[str, RenderJob] = {}
-        self._lock = threading.Lock()
-        self._durations: deque[float] = deque(maxlen=20)
+        <id>.json            the record, replaced atomically at every change (readers never see half of one)
+        <id>.mp4             the video, once done
+        .inputs/<id>/        request.json (options, file names, owner) and one file per upload, from admission
+                             until the render ends
 
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            counts = dict.fromkeys(STATUSES, 0)
-            for job in self._jobs.values():
-                counts[job.status] += 1
-            return counts
+    Plain files need no server and survive any restart; one writer (the RenderQueue) changes records, any
+    number of readers read them."""
 
-    def retry_after(self) -> int:
-        """Seconds until a queue slot is likely free: mean recent render time x waiting renders / slots."""
-        with self._lock:
-            if not self._durations:
-                return self.limits.retry_after_s
-            waiting = sum(j.status == "queued" for j in self._jobs.values()) + 1
-            estimate = sum(self._durations) / len(self._durations) * waiting / self.limits.max_active_renders
-        return int(min(600, max(1, math.ceil(estimate))))
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.inputs_root = self.directory / ".inputs"
+        self.inputs_root.mkdir(parents=True, exist_ok=True)
 
-    def check_capacity(self) -> None:
-        """Raise ServiceBusy when no render can be admitted (queued + running at the limit)."""
-        counts = self.counts()
-        capacity = self.limits.max_active_renders + self.limits.max_queued_renders
-        if counts["queued"] + counts["running"] >= capacity:
-            raise ServiceBusy(f"the render queue is full ({counts['running']} running, {counts['queued']} "
-                              f"queued); retry later", self.retry_after())
+    # records
+    def write(self, record: RenderRecord) -> None:
+        atomic_write_bytes(self.directory / f"{record.id}.json",
+                           lambda p: Path(p).write_text(json.dumps(asdict(record))))
 
-    def submit(self, options: RenderOptions, owner: str | None = None) -> RenderJob:
-        """Admit a new render (status queued) or raise ServiceBusy."""
-        self.check_capacity()
-        job = RenderJob(id=uuid.uuid4().hex, seed=options.seed, steps=options.steps, owner=owner)
-        with self._lock:
-            self._jobs[job.id] = job
-            self._forget_old()
-        return job
-
-    def update(self, render_id: str, **changes) -> RenderJob:
-        with self._lock:
-            job = self._jobs[render_id]
-            for key, value in changes.items():
-                setattr(job, key, value)
-            if changes.get("status") == "running" and job.started is None:
-                job.started = time.time()
-            if job.status in ("done", "failed"):
-                job.finished = time.time()
-                if job.status == "done":
-                    job.progress = 1.0
-                    self._durations.append(job.finished - (job.started or job.created))
-            record = RenderJob(**job.to_dict())
-        if record.status in ("done", "failed"):
-            self._write_record(record)
-        return record
-
-    def get(self, render_id: str, owner: str | None = None) -> RenderJob:
-        """The record of a render (memory, then the output directory), or RequestError 404 (also for a render
-        of another owner)."""
-        if not RENDER_ID.match(render_id or ""):
-            raise RequestError(f"unknown render id {render_id!r}", 404)
-        with self._lock:
-            job = self._jobs.get(render_id)
-            if job is not None and job.owner == owner:
-                return RenderJob(**job.to_dict())
-        path = self.output_dir / f"{render_id}.json"
-        if path.is_file():
-            record = RenderJob(**json.loads(path.read_text()))
-            if record.owner == owner:
+    def read(self, render_id: str, owner: str | None = None) -> RenderRecord:
+        """The record of a render, or RequestError 404 (also for a render of another owner)."""
+        if RENDER_ID.match(render_id or ""):
+            try:
+                record = RenderRecord(**json.loads((self.directory / f"{render_id}.json").read_text()))
+            except (OSError, ValueError, TypeError):
+                record = None
+            if record is not None and record.owner == owner:
                 return record
         raise RequestError(f"unknown render id {render_id!r}", 404)
 
+    def records(self) -> list[RenderRecord]:
+        """Every readable record (at start-up of the queue)."""
+        out = []
+        for path in self.directory.glob("*.json"):
+            if RENDER_ID.match(path.stem):
+                try:
+                    out.append(RenderRecord(**json.loads(path.read_text())))
+                except (OSError, ValueError, TypeError):
+                    log.warning("skipping the unreadable render record %s", path.name)
+        return out
+
     def video_path(self, render_id: str, owner: str | None = None) -> Path:
         """The finished mp4 of a render: 404 for an unknown id, 409 while not done (or failed)."""
-        job = self.get(render_id, owner)
-        if job.status != "done":
-            detail = f": {job.error}" if job.error else ""
-            raise RequestError(f"render {render_id} is {job.status}{detail}; its video is not available", 409)
-        return self.output_dir / f"{render_id}.mp4"
+        record = self.read(render_id, owner)
+        if record.status != "done":
+            detail = f": {record.error}" if record.error else ""
+            raise RequestError(f"render {render_id} is {record.status}{detail}; its video is not available", 409)
+        return self.directory / f"{render_id}.mp4"
 
-    def _write_record(self, job: RenderJob) -> None:
-        from dawn.checkpoint import atomic_write_bytes
+    # uploads
+    def save_inputs(self, render_id: str, inputs: dict[str, Media], options: RenderOptions,
+                    owner: str | None) -> None:
+        folder = self.inputs_root / render_id
+        for role, media in inputs.items():
+            atomic_write_bytes(folder / role, lambda p, data=media.data: Path(p).write_bytes(data))
+        request = {"options": options.to_dict(), "owner": owner,
+                   "names": {role: media.name for role, media in inputs.items()}}
+        # written last: a folder without request.json is an upload that never completed
+        atomic_write_bytes(folder / "request.json", lambda p: Path(p).write_text(json.dumps(request)))
 
-        atomic_write_bytes(self.output_dir / f"{job.id}.json",
-                           lambda p: Path(p).write_text(json.dumps(job.to_dict())))
+    def load_inputs(self, render_id: str) -> RenderState | None:
+        """The render's stored request as the inputs stage takes it; None when the uploads are gone."""
+        folder = self.inputs_root / render_id
+        try:
+            request = json.loads((folder / "request.json").read_text())
+            inputs = {role: upload(role, name, (folder / role).read_bytes())
+                      for role, name in request["names"].items()}
+        except (OSError, ValueError, KeyError):
+            return None
+        return RenderState(options=RenderOptions(**request["options"]), name=render_id, inputs=inputs)
 
-    def _forget_old(self) -> None:
-        """Keep at most keep_in_memory records: drop the oldest finished ones (their JSON stays on disk)."""
-        excess = len(self._jobs) - self.keep_in_memory
-        if excess > 0:
-            finished = [j.id for j in self._jobs.values() if j.status in ("done", "failed")]
-            for render_id in finished[:excess]:
-                del self._jobs[render_id]
+    def drop_inputs(self, render_id: str) -> None:
+        shutil.rmtree(self.inputs_root / render_id, ignore_errors=True)
+
+    def stored_inputs(self) -> list[str]:
+        return [p.name for p in self.inputs_root.iterdir() if RENDER_ID.match(p.name)]
 
 
 # ----------------------------------------------------------------------------------------------------
-# The service
+# The queue: admission and the render sequence (one per application)
 
 class RenderStages(Protocol):
     """Where the stages run: Serve deployment handles in dawn/serve/app.py, or anything with these methods.
-    `run` takes and returns a `RenderState.to_bytes()`."""
+    `run` takes and returns a `RenderState.to_bytes()`; it raises StageLost when the stage's replica died."""
 
     async def run(self, stage: str, state: bytes) -> bytes: ...
     async def locate_face(self, portrait: Media, limits: ServeLimits) -> dict: ...
@@ -381,75 +459,227 @@ class InProcessStages:
 # Progress reported when a stage starts (the stages run in other processes, so per-step progress is not
 # visible here; the fractions roughly follow where the time goes).
 STAGE_PROGRESS = {"inputs": 0.02, "features": 0.05, "motion": 0.15, "frames": 0.25, "writing": 0.9}
+MAX_ATTEMPTS = 2  # a render interrupted by a restart is started once more, then failed
 
 
-class RenderService:
-    """Admission, validation and background rendering for the HTTP API (one per ingress replica)."""
+class RenderQueue:
+    """Admission and background rendering for the whole application: exactly one per application (the
+    `Renders` deployment of dawn/serve/app.py), so that queue limits and rate limits count every ingress
+    replica's submissions. Its state is the RenderStore's; `start()` picks up what a restart left."""
 
-    def __init__(self, stages: RenderStages, output_dir: str | Path, limits: ServeLimits | None = None):
+    def __init__(self, stages: RenderStages, store: RenderStore, limits: ServeLimits | None = None):
         self.stages = stages
+        self.store = store
         self.limits = limits or ServeLimits()
-        self.jobs = JobTable(output_dir, self.limits)
+        self.records: dict[str, RenderRecord] = {}
+        self._durations: deque[float] = deque(maxlen=20)
+        self._submissions: dict[str | None, deque[float]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._tasks: set[asyncio.Task] = set()
 
+    async def start(self) -> None:
+        """Load every record; resume the renders a restart interrupted (once), fail the others with a reason;
+        remove uploads of submissions that were never admitted."""
+        self.records = {r.id: r for r in await asyncio.to_thread(self.store.records)}
+        for render_id in await asyncio.to_thread(self.store.stored_inputs):
+            if render_id not in self.records or self.records[render_id].finished_ok:
+                self.store.drop_inputs(render_id)
+        for record in sorted(self.records.values(), key=lambda r: r.created):
+            if record.finished_ok:
+                continue
+            if record.attempts >= MAX_ATTEMPTS:
+                self._finish(record, "failed", error="the service restarted while this render was running, "
+                                                     "and it had already been started twice; submit it again")
+            elif self.store.load_inputs(record.id) is None:
+                self._finish(record, "failed", error="the service restarted and this render's uploads are gone; "
+                                                     "submit it again")
+            else:
+                self._update(record, status="queued", stage="queued", progress=0.0)
+                self._launch(record.id)
+
+    # -- admission
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for record in self.records.values():
+            counts[record.status] += 1
+        return counts
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: mean recent render time x waiting renders / slots."""
+        if not self._durations:
+            return self.limits.retry_after_s
+        waiting = sum(r.status == "queued" for r in self.records.values()) + 1
+        estimate = sum(self._durations) / len(self._durations) * waiting / self.limits.max_active_renders
+        return int(min(600, max(1, math.ceil(estimate))))
+
+    async def check_admission(self, owner: str | None = None) -> None:
+        """RateLimited (429) past the per-key rate, ServiceBusy (503) when queued + running are at the limit."""
+        if self.limits.renders_per_minute:
+            recent = self._submissions.setdefault(owner, deque())
+            while recent and recent[0] < time.monotonic() - 60:
+                recent.popleft()
+            if len(recent) >= self.limits.renders_per_minute:
+                wait = int(math.ceil(60 - (time.monotonic() - recent[0]))) or 1
+                raise RateLimited(f"this API key submitted {len(recent)} renders in the last minute; the limit is "
+                                  f"{self.limits.renders_per_minute}", wait)
+        counts = self.counts()
+        if counts["queued"] + counts["running"] >= self.limits.max_active_renders + self.limits.max_queued_renders:
+            raise ServiceBusy(f"the render queue is full ({counts['running']} running, {counts['queued']} "
+                              f"queued); retry later", self.retry_after())
+
+    async def submit(self, render_id: str, options: RenderOptions, owner: str | None = None) -> dict:
+        """Admit a render whose uploads the store holds (status queued) and start it; RateLimited /
+        ServiceBusy when it cannot be admitted. Returns the public record."""
+        await self.check_admission(owner)
+        if render_id in self.records or not RENDER_ID.match(render_id):
+            raise RequestError(f"render id {render_id!r} is taken or malformed", 400)
+        if self.limits.renders_per_minute:
+            self._submissions[owner].append(time.monotonic())
+        record = RenderRecord(id=render_id, seed=options.seed, steps=options.steps, owner=owner)
+        self.records[render_id] = record
+        self.store.write(record)
+        self._launch(render_id)
+        return record.public()
+
+    async def list(self, owner: str | None, limit: int = 20, after: str | None = None) -> dict:
+        """The owner's renders, newest first: {"renders": [...], "next": id to pass as `after`, or None}."""
+        mine = sorted((r for r in self.records.values() if r.owner == owner), key=lambda r: (-r.created, r.id))
+        if after:
+            keys = [r.id for r in mine]
+            mine = mine[keys.index(after) + 1:] if after in keys else []
+        page = mine[:limit]
+        return {"renders": [r.public() for r in page], "next": page[-1].id if len(mine) > limit else None}
+
+    async def health(self) -> dict:
+        return {"renders": self.counts()}
+
+    async def wait_idle(self) -> None:
+        """Wait for every render started so far (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- the render sequence
+    def _launch(self, render_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(render_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _update(self, record: RenderRecord, **changes) -> None:
+        for key, value in changes.items():
+            setattr(record, key, value)
+        self.store.write(record)
+
+    def _finish(self, record: RenderRecord, status: str, **changes) -> None:
+        record.finished = time.time()
+        if status == "done":
+            changes["progress"] = 1.0
+            self._durations.append(record.finished - (record.started or record.created))
+        self._update(record, status=status, **changes)
+        self.store.drop_inputs(record.id)
+
+    async def _run(self, render_id: str) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limits.max_active_renders)
+        record = self.records[render_id]
+        async with self._slots:
+            try:
+                await self._render(record)
+            except Exception as e:  # noqa: BLE001 - every failure ends up in the render's record
+                cause = getattr(e, "cause", None) or e
+                if isinstance(cause, DawnError):
+                    message = str(cause)
+                elif isinstance(cause, StageLost):
+                    message = (f"the worker running the {cause.stage} stage stopped twice during this render; "
+                               f"submit it again")
+                else:  # the details are for the operator's log, not for the client
+                    log.error("render %s failed in stage %s", render_id, record.stage, exc_info=cause)
+                    message = f"internal error in the {record.stage} stage; the service's log has the details"
+                self._finish(record, "failed", error=message)
+
+    async def _stage(self, stage: str, data: bytes) -> bytes:
+        """One stage, retried once when its replica died before answering."""
+        try:
+            return await self.stages.run(stage, data)
+        except StageLost:
+            log.warning("a %s replica stopped during a render; retrying the stage once", stage)
+            return await self.stages.run(stage, data)
+
+    async def _render(self, record: RenderRecord) -> None:
+        state = await asyncio.to_thread(self.store.load_inputs, record.id)
+        if state is None:
+            raise DawnError("this render's uploads are gone from the output volume; submit it again")
+        self._update(record, status="running", attempts=record.attempts + 1, started=record.started or time.time())
+        data = state.to_bytes()
+        for stage in STAGES:
+            self._update(record, stage=stage, progress=STAGE_PROGRESS[stage])
+            data = await self._stage(stage, data)
+            if stage == "inputs":
+                check_decoded(RenderState.from_bytes(data), self.limits)
+        self._update(record, stage="writing", progress=STAGE_PROGRESS["writing"])
+        state = RenderState.from_bytes(data)
+        await asyncio.to_thread(write_video, state, self.store.directory / f"{record.id}.mp4")  # atomic
+        self._finish(record, "done", stage="done", frames=state.num_frames)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The front end: one per ingress replica
+
+class Queue(Protocol):
+    """The RenderQueue as an ingress sees it (in-process, or the `Renders` deployment's handle)."""
+
+    async def check_admission(self, owner: str | None = None) -> None: ...
+    async def submit(self, render_id: str, options: RenderOptions, owner: str | None = None) -> dict: ...
+    async def list(self, owner: str | None, limit: int, after: str | None) -> dict: ...
+    async def health(self) -> dict: ...
+
+
+class Frontend:
+    """What an ingress replica does: checks requests, stores uploads, asks the queue to admit, and answers
+    status and video from the store (so every replica gives the same answer)."""
+
+    def __init__(self, queue: Queue, store: RenderStore, stages: RenderStages, limits: ServeLimits):
+        self.queue, self.store, self.stages, self.limits = queue, store, stages, limits
+
     async def submit(self, portrait: Media, audio: Media, pose_video: Media | None = None,
-                     fields: dict | None = None, owner: str | None = None) -> RenderJob:
-        """Check and admit a render; it then runs in the background. `fields`: the request's option values
-        (RenderOptions.FIELDS). Raises OptionError / RequestError / ServiceBusy."""
-        self.jobs.check_capacity()  # refuse early, before decoding anything
+                     fields: dict | None = None, owner: str | None = None) -> dict:
+        """Check and admit a render: 202 as soon as its uploads are stored. Raises OptionError /
+        RequestError / RateLimited / ServiceBusy."""
         options = self.limits.options(fields or {})
         inputs = {"portrait": portrait, "audio": audio}
         if pose_video is not None:
             inputs["pose_video"] = pose_video
         for media in inputs.values():
-            check_upload_size(media, self.limits)
-        data = await self.stages.run("inputs", RenderState(options=options, inputs=inputs).to_bytes())
-        check_decoded(RenderState.from_bytes(data), self.limits)
-        job = self.jobs.submit(options, owner)
-        task = asyncio.get_running_loop().create_task(self._run(job.id, data))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return job
+            check_upload(media, self.limits)
+        await self.queue.check_admission(owner)  # refuse before writing anything
+        render_id = uuid.uuid4().hex
+        await asyncio.to_thread(self.store.save_inputs, render_id, inputs, options, owner)
+        try:
+            return await self.queue.submit(render_id, options, owner)
+        except BaseException:
+            self.store.drop_inputs(render_id)
+            raise
 
-    def status(self, render_id: str, owner: str | None = None) -> RenderJob:
-        return self.jobs.get(render_id, owner)
+    def status(self, render_id: str, owner: str | None = None) -> dict:
+        return self.store.read(render_id, owner).public()
+
+    def video_path(self, render_id: str, owner: str | None = None) -> Path:
+        return self.store.video_path(render_id, owner)
+
+    async def list(self, owner: str | None, limit: int = 20, after: str | None = None) -> dict:
+        if not 1 <= limit <= 100:
+            raise RequestError(f"limit must be between 1 and 100, got {limit}", 422)
+        if after is not None and not RENDER_ID.match(after):
+            raise RequestError(f"after must be a render id, got {after!r}", 422)
+        return await self.queue.list(owner, limit, after)
 
     async def locate_face(self, portrait: Media) -> dict:
         return await self.stages.locate_face(portrait, self.limits)
 
-    def video_path(self, render_id: str, owner: str | None = None) -> Path:
-        return self.jobs.video_path(render_id, owner)
-
-    def health(self, auth_required: bool = False) -> dict:
-        return {"status": "ok", "auth_required": auth_required, "renders": self.jobs.counts(), "limits": asdict(self.limits)}
-
-    async def wait_idle(self) -> None:
-        """Wait for every background render started so far (tests, shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def _run(self, render_id: str, data: bytes) -> None:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.limits.max_active_renders)
-        async with self._slots:
-            try:
-                await self._render(render_id, data)
-            except Exception as e:  # noqa: BLE001 - every failure ends up in the render's record
-                cause = getattr(e, "cause", None) or e
-                if isinstance(cause, DawnError):
-                    message = str(cause)
-                else:
-                    log.exception("render %s failed", render_id)
-                    message = f"internal error ({type(cause).__name__}): {cause}"
-                self.jobs.update(render_id, status="failed", error=message)
-
-    async def _render(self, render_id: str, data: bytes) -> None:
-        for stage in STAGES[1:]:  # the inputs stage ran before the render was admitted
-            self.jobs.update(render_id, status="running", stage=stage, progress=STAGE_PROGRESS[stage])
-            data = await self.stages.run(stage, data)
-        self.jobs.update(render_id, status="running", stage="writing", progress=STAGE_PROGRESS["writing"])
-        state = RenderState.from_bytes(data)
-        # atomic: a temporary file renamed onto the name
-        await asyncio.to_thread(write_video, state, self.jobs.output_dir / f"{render_id}.mp4")
-        self.jobs.update(render_id, status="done", stage="done", frames=state.num_frames)
+    async def health(self, auth_required: bool = False) -> dict:
+        """/healthz: 'ok' with the render counts, or 'degraded' while the queue does not answer."""
+        try:
+            renders = (await asyncio.wait_for(self.queue.health(), timeout=5))["renders"]
+            status = "ok"
+        except Exception:  # noqa: BLE001 - a queue replica restarting
+            renders, status = dict.fromkeys(STATUSES, 0), "degraded"
+        return {"status": status, "auth_required": auth_required, "renders": renders, "limits": asdict(self.limits)}

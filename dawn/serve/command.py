@@ -11,7 +11,8 @@ from dawn.serving import ApiKeys, ServeLimits
 
 def app_args(args: argparse.Namespace, cluster_cpus: float) -> dict:
     """The `build_app` arguments for the parsed `dawn serve` flags. Without --cpus-per-replica every replica
-    gets an equal share of the cluster's CPUs (at most 1; the ingress half a share), so all of them start."""
+    gets an equal share of the cluster's CPUs (at most 1; each ingress replica half a share, the render queue
+    a quarter), so all of them start."""
     out = {"checkpoints": str(Path(args.checkpoints).resolve()), "output": str(Path(args.output).resolve()),
            "device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size}
     if args.hubert:
@@ -20,14 +21,16 @@ def app_args(args: argparse.Namespace, cluster_cpus: float) -> dict:
         ApiKeys.from_file(args.api_key_file)  # a missing or empty key file stops `dawn serve` at once
         out["api_key_file"] = str(Path(args.api_key_file).resolve())
     replicas = args.features_replicas + args.pbnet_replicas + args.a2v_replicas
-    share = args.cpus_per_replica or min(1.0, cluster_cpus / (replicas + 0.5))
+    share = args.cpus_per_replica or min(1.0, cluster_cpus / (replicas + 0.5 * args.ingress_replicas + 0.25))
     for stage in ("features", "pbnet", "a2v"):
         out[f"{stage}_replicas"] = getattr(args, f"{stage}_replicas")
         out[f"{stage}_cpus"] = share
+    out["ingress_replicas"] = args.ingress_replicas
     out["ingress_cpus"] = share / 2
+    out["queue_cpus"] = share / 4
     out["a2v_gpus"] = args.a2v_gpus
     for name in ("max_upload_bytes", "max_audio_seconds", "max_active_renders", "max_queued_renders",
-                 "max_steps", "default_eta"):
+                 "max_steps", "default_eta", "renders_per_minute"):
         out[name] = getattr(args, name)
     return out
 
@@ -64,6 +67,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--device", default="auto", help="auto (cuda when a replica has a GPU), cpu or cuda")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas (they share the "
+                   "render records of --output)")
     p.add_argument("--features-replicas", type=int, default=1)
     p.add_argument("--pbnet-replicas", type=int, default=1)
     p.add_argument("--a2v-replicas", type=int, default=1)
@@ -75,6 +80,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--max-active-renders", type=int, default=limits.max_active_renders)
     p.add_argument("--max-queued-renders", type=int, default=limits.max_queued_renders)
     p.add_argument("--max-steps", type=int, default=limits.max_steps)
+    p.add_argument("--renders-per-minute", type=int, default=limits.renders_per_minute,
+                   help="per API key; more submissions get 429 (default 0: no limit)")
     p.add_argument("--default-eta", type=float, default=limits.default_eta,
                    help="DDIM eta of requests that send none (default 1, the reference's; 0 = deterministic)")
     p.set_defaults(func=_serve_command)

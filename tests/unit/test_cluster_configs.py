@@ -159,7 +159,11 @@ def test_serve_application_builds_with_its_args(name, config, tmp_path):
                 self.read.add(key)
                 return super().__contains__(key)
 
-        args = RecordingArgs({**app["args"], "checkpoints": str(tmp_path / "ckpt"), "output": str(tmp_path / "out")})
+        values = {**app["args"], "checkpoints": str(tmp_path / "ckpt"), "output": str(tmp_path / "out")}
+        if "api_key_file" in values:  # a mounted Secret in the cluster: a key file of the same form here
+            (tmp_path / "keys").write_text("a-test-key\n")
+            values["api_key_file"] = str(tmp_path / "keys")
+        args = RecordingArgs(values)
         built = builder(args)
         assert isinstance(built, serve.Application)
         unknown = set(app["args"]) - args.read - limit_names
@@ -175,6 +179,8 @@ def test_rayservice_matches_serve_config():
     others = [(name, config) for name, config in others if name.startswith("cluster/")]
     assert others, "no RayService found in cluster/"
     for name, config in others:
+        for app in config["applications"]:
+            assert app["args"].pop("api_key_file").startswith("/etc/dawn/"), f"{name}: no API key Secret"
         assert config["applications"] == reference["applications"], f"{name} differs from serve/config.yaml"
         assert config.get("http_options", {}).get("port") == reference["http_options"]["port"]
 

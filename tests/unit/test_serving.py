@@ -1,5 +1,6 @@
-"""dawn.serving without Ray: limits, request options, upload checks, error mapping, the job table and the
-background render sequence (the pipeline's stages run in this process on tiny random checkpoints)."""
+"""dawn.serving without Ray: limits, request options, upload checks, error mapping, durable render records,
+admission, restarts and the background render sequence (the pipeline's stages run in this process on tiny
+random checkpoints)."""
 
 import asyncio
 import json
@@ -9,8 +10,8 @@ import pytest
 
 from dawn import DawnError
 from dawn.pipeline import Motion, OptionError, Portrait, RenderOptions, RenderPipeline, RenderState
-from dawn.serving import (InProcessStages, JobTable, RenderService, RequestError, ServeLimits, ServiceBusy,
-                          check_decoded, check_upload_size, error_body, error_status, upload)
+from dawn.serving import (InProcessStages, RequestError, ServeLimits, ServiceBusy, StageLost, error_body,
+                          error_status, upload)
 
 
 @pytest.fixture(scope="module")
@@ -81,176 +82,278 @@ def test_error_mapping():
     assert (str(again), error_status(again)) == ("too long", 422)
     busy = pickle.loads(pickle.dumps(ServiceBusy("full", 5)))
     assert error_body(busy)[1] == {"Retry-After": "5"}
+    from dawn.serving import RateLimited
+
+    limited = pickle.loads(pickle.dumps(RateLimited("slow down", 12)))
+    assert error_status(limited) == 429 and error_body(limited)[1] == {"Retry-After": "12"}
+    lost = pickle.loads(pickle.dumps(StageLost("frames")))
+    assert lost.stage == "frames" and "frames" in str(lost)
 
 
-# ---- uploads through the inputs stage ----------------------------------------------------------------
+# ---- uploads: checked by their first bytes before a render is admitted --------------------------------
 
-def _decode_uploads(pipeline, portrait: bytes, audio: bytes, limits: ServeLimits) -> RenderState:
-    """What the service does before it answers 202: sizes checked, the inputs stage, the decoded limits."""
-    inputs = {"portrait": upload("portrait", "p.png", portrait), "audio": upload("audio", "s.wav", audio)}
-    for media in inputs.values():
-        check_upload_size(media, limits)
-    state = RenderState.from_bytes(pipeline.run_bytes("inputs", RenderState(inputs=inputs).to_bytes()))
-    check_decoded(state, limits)
-    return state
+def _wav_bytes(seconds: float) -> bytes:
+    import io
 
+    import soundfile
 
-def test_uploads_decode_to_a_portrait_crop_and_speech(pipeline, astronaut_png, one_second):
-    state = _decode_uploads(pipeline, astronaut_png.read_bytes(), one_second, ServeLimits())
-    assert state.portrait.image.shape == (64, 64, 3) and state.portrait.pose.shape == (6,)
-    assert state.waveform.dtype == np.float32 and state.num_frames == 25
-    assert all(media.data is None for media in state.inputs.values())  # the bytes do not travel further
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(int(seconds * 16000), np.float32), 16000, format="WAV")
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("case, status, message", [
-    ("empty portrait", 400, "portrait upload 'p.png' is empty"),
+    ("empty portrait", 422, "portrait upload 'p.png' is empty"),
     ("not an image", 422, "portrait upload: cannot read the image p.png"),
-    ("no face", 422, "no face found"),
-    ("not audio", 422, "audio upload: cannot decode audio from s.wav"),
-    ("too long", 422, "limit is 0.5 s"),
-    ("too large", 413, "larger than the limit"),
+    ("not audio", 422, "audio upload 's.wav' is not an audio file dawn reads (WAV, AVI, AIFF, FLAC"),
+    ("wav without chunks", 422, "audio upload 's.wav' is not a readable WAV file"),
+    ("truncated wav", 422, "audio upload 's.wav' is truncated: its header declares 2000000000 bytes"),
+    ("too long", 422, "audio upload 's.wav' is 1.0 s long; the limit is 0.5 s"),
+    ("too large", 413, "larger than the limit of 1000 bytes"),
+    ("pose video is audio", 422, "pose_video upload 'd.mp4' is not a video file dawn reads"),
 ])
-def test_bad_uploads_are_named(case, status, message, pipeline, astronaut_png, one_second, tmp_path):
-    import cv2
+def test_bad_uploads_are_named(case, status, message, astronaut_png, one_second):
+    from dawn.serving import check_upload
 
-    blank = tmp_path / "blank.png"
-    cv2.imwrite(str(blank), np.full((256, 256, 3), 200, np.uint8))
-    portrait, audio, limits = astronaut_png.read_bytes(), one_second, ServeLimits()
+    portrait, audio, pose, limits = astronaut_png.read_bytes(), one_second, None, ServeLimits()
     if case == "empty portrait":
         portrait = b""
     elif case == "not an image":
-        portrait = b"this is plain text, not a picture"
-    elif case == "no face":
-        portrait = blank.read_bytes()
+        portrait = b"GIF89a but not really a picture"
     elif case == "not audio":
         audio = b"\x00\x01garbage" * 100
+    elif case == "wav without chunks":
+        audio = b"RIFF\x00\x00\x00\x00WAVEjunk" * 50
+    elif case == "truncated wav":  # a header claiming 2 GB, 0.1 s of samples behind it
+        head = _wav_bytes(0.1)
+        audio = head[:40] + (2_000_000_000).to_bytes(4, "little") + head[44:]
     elif case == "too long":
         limits = ServeLimits(max_audio_seconds=0.5)
     elif case == "too large":
         limits = ServeLimits(max_upload_bytes=1000)
-    with pytest.raises(DawnError) as info:
-        _decode_uploads(pipeline, portrait, audio, limits)
+    elif case == "pose video is audio":
+        pose = one_second
+    uploads = [upload("portrait", "p.png", portrait), upload("audio", "s.wav", audio)]
+    if pose is not None:
+        uploads.append(upload("pose_video", "d.mp4", pose))
+    with pytest.raises(RequestError) as info:
+        for media in uploads:
+            check_upload(media, limits)
     assert error_status(info.value) == status
     assert message in str(info.value)
-    assert "dawn-input-" not in str(info.value)  # names the upload, not a temporary path
 
 
-# ---- job table ---------------------------------------------------------------------------------------
+def test_good_uploads_pass_the_checks(astronaut_png, one_second, speech_wav, tmp_path):
+    import av
 
-def test_job_table_admission_and_records(tmp_path):
-    limits = ServeLimits(max_active_renders=1, max_queued_renders=1, retry_after_s=9)
-    table = JobTable(tmp_path, limits)
-    first, second = table.submit(RenderOptions(seed=1)), table.submit(RenderOptions(seed=2))
-    with pytest.raises(ServiceBusy) as info:
-        table.submit(RenderOptions())
-    assert info.value.retry_after_s == 9 and error_status(info.value) == 503
-    assert table.counts() == {"queued": 2, "running": 0, "done": 0, "failed": 0}
+    from dawn.serving import check_upload, wav_seconds
 
-    table.update(first.id, status="running", stage="sampling", progress=0.25)
-    with pytest.raises(RequestError) as info:
-        table.video_path(first.id)
-    assert error_status(info.value) == 409 and "running" in str(info.value)
-    table.update(first.id, status="done", frames=12)
-    table.update(second.id, status="failed", error="no face found in x")
-    table.submit(RenderOptions())  # finished renders free their slots
+    check_upload(upload("portrait", "p.png", astronaut_png.read_bytes()), ServeLimits())
+    assert wav_seconds(one_second, "x") == pytest.approx(1.0)
+    flac, m4a = tmp_path / "s.flac", tmp_path / "s.m4a"
+    import soundfile
 
-    # terminal records are on disk: a new table (a restarted ingress) still answers
-    again = JobTable(tmp_path, limits)
-    done = again.get(first.id)
-    assert (done.status, done.progress, done.frames, done.seed) == ("done", 1.0, 12, 1)
-    assert again.video_path(first.id) == tmp_path / f"{first.id}.mp4"
-    assert json.loads((tmp_path / f"{second.id}.json").read_text())["error"] == "no face found in x"
-    with pytest.raises(RequestError) as info:
-        again.video_path(second.id)
-    assert error_status(info.value) == 409
-    for unknown in ("0" * 32, "../../etc/passwd", ""):
-        with pytest.raises(RequestError) as info:
-            again.get(unknown)
-        assert error_status(info.value) == 404
+    soundfile.write(str(flac), np.zeros(16000, np.float32), 16000)
+    with av.open(str(m4a), "w") as container:  # speech in an mp4 container (AAC)
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in list(stream.encode(frame)) + list(stream.encode(None)):
+            container.mux(packet)
+    for path in (speech_wav, flac, m4a):
+        check_upload(upload("audio", path.name, path.read_bytes()), ServeLimits())
+    check_upload(upload("pose_video", "d.mp4", m4a.read_bytes()), ServeLimits())
 
 
-def test_retry_after_follows_measured_render_time(tmp_path):
-    table = JobTable(tmp_path, ServeLimits(max_active_renders=2, max_queued_renders=0))
-    job = table.submit(RenderOptions())
-    table.update(job.id, status="running")
-    table._jobs[job.id].started -= 29.0  # it ran for 29 s (and a few microseconds)
-    table.update(job.id, status="done")
-    assert table.retry_after() == 15  # ceil(29 s x (nobody waiting + this one) / 2 slots)
-    for _ in range(2):
-        table.submit(RenderOptions())
-    assert table.retry_after() == 44  # ceil(29 s x (2 waiting + this one) / 2 slots)
+# ---- the queue and the store, with the stages in this process ------------------------------------------
 
+class ScriptedStages(InProcessStages):
+    """The real stages, but a stage may wait for `release` first, or fail the first `times` calls."""
 
-# ---- the service, with the stages in this process ------------------------------------------------------
-
-class FailingStages(InProcessStages):
-    """The real stages, with one of them failing (as a replica's error would reach the ingress)."""
-
-    def __init__(self, pipeline, fail_at: str, error: Exception):
+    def __init__(self, pipeline, hold_at=None, fail_at=None, error=None, times=99):
         super().__init__(pipeline)
-        self.fail_at, self.error = fail_at, error
+        self.hold_at, self.fail_at, self.error, self.times = hold_at, fail_at, error, times
+        self.release = asyncio.Event()
+        self.calls: list[str] = []
 
     async def run(self, stage, state):
-        if stage == self.fail_at:
+        self.calls.append(stage)
+        if stage == self.hold_at:
+            await self.release.wait()
+        if stage == self.fail_at and self.times > 0:
+            self.times -= 1
             raise self.error
         return await super().run(stage, state)
 
 
-def _submit(service, portrait, audio, **fields):
-    return service.submit(upload("portrait", "p.png", portrait), upload("audio", "a.wav", audio), fields=fields)
+def _frontend(stages, folder, limits=None):
+    from dawn.serving import Frontend, RenderQueue, RenderStore
+
+    limits = limits or ServeLimits(default_steps=1)
+    queue = RenderQueue(stages, RenderStore(folder), limits)
+    return Frontend(queue, queue.store, stages, limits), queue
 
 
-def test_service_renders_in_the_background(pipeline, astronaut_png, one_second, tmp_path):
+def _submit(frontend, portrait, audio, owner=None, **fields):
+    return frontend.submit(upload("portrait", "p.png", portrait), upload("audio", "a.wav", audio), fields=fields,
+                           owner=owner)
+
+
+def test_renders_run_in_the_background_with_durable_records(pipeline, astronaut_png, one_second, tmp_path):
     from dawn.video import probe
 
     async def scenario():
-        limits = ServeLimits(max_active_renders=1, max_queued_renders=1, default_steps=1)
-        service = RenderService(InProcessStages(pipeline), tmp_path, limits)
-        jobs = [await _submit(service, astronaut_png.read_bytes(), one_second, seed=3) for _ in range(2)]
-        assert all(service.status(j.id).status in ("queued", "running") for j in jobs)
-        with pytest.raises(ServiceBusy):
-            await _submit(service, astronaut_png.read_bytes(), one_second)
-        await service.wait_idle()
-        return service, jobs
+        stages = ScriptedStages(pipeline, hold_at="motion")
+        frontend, queue = _frontend(stages, tmp_path, ServeLimits(max_active_renders=1, max_queued_renders=1,
+                                                                  default_steps=1, retry_after_s=9))
+        await queue.start()
+        first = await _submit(frontend, astronaut_png.read_bytes(), one_second, seed=3)
+        second = await _submit(frontend, astronaut_png.read_bytes(), one_second, seed=4)
+        assert first["status"] == "queued" and (tmp_path / ".inputs" / first["id"] / "audio").is_file()
+        with pytest.raises(ServiceBusy) as busy:  # 1 running + 1 queued: full
+            await _submit(frontend, astronaut_png.read_bytes(), one_second)
+        assert busy.value.retry_after_s == 9 and len(list((tmp_path / ".inputs").iterdir())) == 2
+        while frontend.status(first["id"])["stage"] != "motion":
+            await asyncio.sleep(0.01)
+        assert (frontend.status(first["id"])["status"], frontend.status(second["id"])["status"]) == ("running", "queued")
+        with pytest.raises(RequestError) as early:
+            frontend.video_path(first["id"])
+        assert error_status(early.value) == 409
+        stages.release.set()
+        await queue.wait_idle()
+        return frontend, queue, first["id"], second["id"]
 
-    service, jobs = asyncio.run(scenario())
-    for job in jobs:
-        record = service.status(job.id)
-        assert (record.status, record.stage, record.frames, record.seed) == ("done", "done", 25, 3)
-        info = probe(service.video_path(job.id))
+    frontend, queue, first, second = asyncio.run(scenario())
+    for render_id, seed in ((first, 3), (second, 4)):
+        record = frontend.status(render_id)
+        assert (record["status"], record["stage"], record["frames"], record["seed"]) == ("done", "done", 25, seed)
+        info = probe(frontend.video_path(render_id))
         assert info["frames"] == 25 and info["has_audio"] and info["video_codec"] == "h264"
-    assert service.health()["renders"]["done"] == 2
-    assert not list(tmp_path.glob(".*"))  # no temporary files left
+    assert json.loads((tmp_path / f"{first}.json").read_text())["status"] == "done"  # what every replica reads
+    assert not list((tmp_path / ".inputs").iterdir())  # uploads removed once the render ended
+    assert not [p for p in tmp_path.glob(".*") if p.name != ".inputs"]  # no temporary files left
+    for unknown in ("0" * 32, "../../etc/passwd", ""):
+        with pytest.raises(RequestError) as info:
+            frontend.status(unknown)
+        assert error_status(info.value) == 404
 
 
-@pytest.mark.parametrize("fail_at, error, message", [
-    ("motion", DawnError("PBNet needs at least 4 frames"), "PBNet needs at least 4 frames"),
-    ("frames", ZeroDivisionError("a bug"), "internal error (ZeroDivisionError): a bug")])
-def test_service_records_failures(fail_at, error, message, pipeline, astronaut_png, one_second, tmp_path):
+def test_a_restart_resumes_unfinished_renders_once(pipeline, astronaut_png, one_second, tmp_path):
+    """A queue that stops in the middle of a render: a new queue on the same store starts it again; a render
+    already started twice, or whose uploads are gone, ends failed with a reason."""
+    from dawn.serving import RenderStore
+
+    async def interrupted():
+        stages = ScriptedStages(pipeline, hold_at="frames")
+        frontend, queue = _frontend(stages, tmp_path)
+        await queue.start()
+        ids = [(await _submit(frontend, astronaut_png.read_bytes(), one_second))["id"] for _ in range(3)]
+        while frontend.status(ids[0])["stage"] != "frames":
+            await asyncio.sleep(0.01)
+        for task in list(queue._tasks):  # the process dies: nothing more is written
+            task.cancel()
+        return ids
+
+    ids = asyncio.run(interrupted())
+    store = RenderStore(tmp_path)
+    assert store.read(ids[0]).status == "running"
+    twice = store.read(ids[1])
+    twice.status, twice.attempts = "running", 2
+    store.write(twice)
+    store.drop_inputs(ids[2])
+
+    async def restarted():
+        frontend, queue = _frontend(InProcessStages(pipeline), tmp_path)
+        await queue.start()
+        await queue.wait_idle()
+        return frontend
+
+    frontend = asyncio.run(restarted())
+    resumed, failed, lost = (frontend.status(i) for i in ids)
+    assert resumed["status"] == "done" and resumed["frames"] == 25
+    assert failed["status"] == "failed" and "already been started twice" in failed["error"]
+    assert lost["status"] == "failed" and "uploads are gone" in lost["error"]
+
+
+@pytest.mark.parametrize("fail_at, error, times, status, message", [
+    ("frames", StageLost("frames"), 1, "done", None),
+    ("frames", StageLost("frames"), 2, "failed", "the worker running the frames stage stopped twice during this "
+                                                 "render; submit it again"),
+    ("motion", DawnError("PBNet needs at least 4 frames"), 1, "failed", "PBNet needs at least 4 frames"),
+    ("frames", ZeroDivisionError("secret detail at 0x7f"), 1, "failed",
+     "internal error in the frames stage; the service's log has the details")])
+def test_failures_are_retried_once_or_recorded_plainly(fail_at, error, times, status, message, pipeline,
+                                                       astronaut_png, one_second, tmp_path):
     async def scenario():
-        service = RenderService(FailingStages(pipeline, fail_at, error), tmp_path, ServeLimits(default_steps=1))
-        job = await _submit(service, astronaut_png.read_bytes(), one_second)
-        await service.wait_idle()
-        return service.status(job.id)
+        stages = ScriptedStages(pipeline, fail_at=fail_at, error=error, times=times)
+        frontend, queue = _frontend(stages, tmp_path)
+        await queue.start()
+        render = await _submit(frontend, astronaut_png.read_bytes(), one_second)
+        await queue.wait_idle()
+        return frontend.status(render["id"])
 
     record = asyncio.run(scenario())
-    assert record.status == "failed" and record.error == message
-    assert not list(tmp_path.glob("*.mp4"))
+    assert record["status"] == status and record["error"] == message
 
 
-def test_service_rejects_before_admitting(pipeline, astronaut_png, one_second, tmp_path):
+def test_decoding_problems_end_the_render_with_the_reason(pipeline, astronaut_png, one_second, tmp_path):
+    import cv2
+
+    blank = cv2.imencode(".png", np.full((256, 256, 3), 200, np.uint8))[1].tobytes()
+
     async def scenario():
-        service = RenderService(InProcessStages(pipeline), tmp_path)
+        frontend, queue = _frontend(InProcessStages(pipeline), tmp_path)
+        await queue.start()
+        render = await _submit(frontend, blank, one_second)
+        await queue.wait_idle()
         with pytest.raises(RequestError, match="empty"):
-            await _submit(service, b"", one_second)
+            await _submit(frontend, b"", one_second)
         with pytest.raises(OptionError, match="steps must be at least 1"):
-            await _submit(service, astronaut_png.read_bytes(), one_second, steps=0)
-        with pytest.raises(DawnError, match="cannot decode audio"):
-            await _submit(service, astronaut_png.read_bytes(), b"noise" * 100)
-        return service
+            await _submit(frontend, astronaut_png.read_bytes(), one_second, steps=0)
+        return frontend.status(render["id"]), await queue.health()
 
-    service = asyncio.run(scenario())
-    assert service.health()["renders"] == {"queued": 0, "running": 0, "done": 0, "failed": 0}
+    record, health = asyncio.run(scenario())
+    assert record["status"] == "failed" and "no face found" in record["error"] and record["stage"] == "inputs"
+    assert health["renders"] == {"queued": 0, "running": 0, "done": 0, "failed": 1}  # refusals leave no record
+
+
+def test_rate_limit_per_key_and_paged_list(tmp_path):
+    from dawn.serving import RateLimited, RenderQueue, RenderStore
+
+    async def scenario():
+        stages = ScriptedStages(None, hold_at="inputs")  # renders wait: only admission and listing matter
+        queue = RenderQueue(stages, RenderStore(tmp_path), ServeLimits(renders_per_minute=3, max_queued_renders=50))
+        ids = []
+        for k in range(3):
+            ids.append((await queue.submit(f"{k:032x}", RenderOptions(seed=k), owner="alice"))["id"])
+            queue.records[ids[-1]].created += k  # distinct creation times
+        with pytest.raises(RateLimited) as limited:
+            await queue.submit("f" * 32, RenderOptions(), owner="alice")
+        await queue.submit("e" * 32, RenderOptions(), owner="bob")  # another key has its own budget
+        first = await queue.list("alice", limit=2)
+        second = await queue.list("alice", limit=2, after=first["next"])
+        for task in queue._tasks:
+            task.cancel()
+        return limited.value, ids, first, second, await queue.list("bob")
+
+    limited, ids, first, second, bob = asyncio.run(scenario())
+    assert error_status(limited) == 429 and 1 <= limited.retry_after_s <= 60
+    assert "limit is 3" in str(limited) and error_body(limited)[1]["Retry-After"] == str(limited.retry_after_s)
+    assert [r["id"] for r in first["renders"]] == [ids[2], ids[1]] and first["next"] == ids[1]
+    assert [r["id"] for r in second["renders"]] == [ids[0]] and second["next"] is None
+    assert [r["id"] for r in bob["renders"]] == ["e" * 32]
+    assert "owner" not in first["renders"][0]
+
+
+def test_retry_after_follows_measured_render_time(tmp_path):
+    from dawn.serving import RenderQueue, RenderRecord, RenderStore
+
+    queue = RenderQueue(None, RenderStore(tmp_path), ServeLimits(max_active_renders=2, max_queued_renders=0))
+    queue._durations.append(29.0)  # one render took 29 s
+    assert queue.retry_after() == 15  # ceil(29 s x (nobody waiting + this one) / 2 slots)
+    for k in range(2):
+        queue.records[f"{k:032x}"] = RenderRecord(id=f"{k:032x}")
+    assert queue.retry_after() == 44  # ceil(29 s x (2 waiting + this one) / 2 slots)
 
 
 # ---- A2V-FDM batching --------------------------------------------------------------------------------
@@ -321,8 +424,15 @@ def test_serve_config_is_valid_and_embedded_in_the_rayservice():
     config = yaml.safe_load((root / "serve" / "config.yaml").read_text())
     ServeDeploySchema(**config)
     service = yaml.safe_load((root / "cluster" / "kuberay" / "rayservice.yaml").read_text())
-    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == config
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert config["http_options"]["host"] == "127.0.0.1"  # not exposed unless told so
+    assert embedded["http_options"]["host"] == "0.0.0.0"  # the Kubernetes Service reaches the pod
+    assert embedded["applications"][0]["args"].pop("api_key_file") == "/etc/dawn/api-keys/keys"  # the Secret
+    embedded["http_options"]["host"] = "127.0.0.1"
+    assert embedded == config
     app = config["applications"][0]
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert deployments["DawnAPI"]["num_replicas"] == 2 and deployments["Renders"]["num_replicas"] == 1
     assert app["import_path"] == "dawn.serve.app:build_app"
     ServeLimits.from_args(app["args"])  # every limit in the config is a valid one
     a2v = next(d for d in app["deployments"] if d["name"] == "A2VFDM")
@@ -338,7 +448,7 @@ def test_dawn_serve_flags_fit_every_replica_on_the_cpus(tmp_path):
     out = app_args(args, cluster_cpus=2.0)
     assert out["checkpoints"] == str(tmp_path) and out["a2v_replicas"] == 2 and out["max_queued_renders"] == 3
     total = sum(out[f"{stage}_cpus"] * out[f"{stage}_replicas"] for stage in ("features", "pbnet", "a2v"))
-    assert total + out["ingress_cpus"] == pytest.approx(2.0)
+    assert total + out["ingress_cpus"] * out["ingress_replicas"] + out["queue_cpus"] == pytest.approx(2.0)
     assert app_args(args, cluster_cpus=64.0)["a2v_cpus"] == 1.0  # at most one CPU each on a big machine
     ServeLimits.from_args(out)
 
@@ -367,27 +477,26 @@ def test_api_keys_from_file_and_bearer_check(tmp_path):
 
 
 def test_a_render_is_visible_only_to_its_key(pipeline, astronaut_png, one_second, tmp_path):
-    async def scenario():
-        service = RenderService(InProcessStages(pipeline), tmp_path, ServeLimits(default_steps=1))
-        job = await service.submit(upload("portrait", "p.png", astronaut_png.read_bytes()),
-                                   upload("audio", "a.wav", one_second), owner="alice")
-        await service.wait_idle()
-        return service, job
+    from dawn.serving import RenderStore
 
-    service, job = asyncio.run(scenario())
-    assert service.status(job.id, "alice").status == "done"
-    assert "owner" not in service.status(job.id, "alice").public()
-    assert service.video_path(job.id, "alice").is_file()
+    async def scenario():
+        frontend, queue = _frontend(InProcessStages(pipeline), tmp_path)
+        await queue.start()
+        render = await _submit(frontend, astronaut_png.read_bytes(), one_second, owner="alice")
+        await queue.wait_idle()
+        return frontend, render["id"]
+
+    frontend, render_id = asyncio.run(scenario())
+    assert frontend.status(render_id, "alice")["status"] == "done" and "owner" not in frontend.status(render_id, "alice")
+    assert frontend.video_path(render_id, "alice").is_file()
     for other in ("bob", None):
         with pytest.raises(RequestError) as error:
-            service.status(job.id, other)
+            frontend.status(render_id, other)
         assert error.value.status_code == 404
         with pytest.raises(RequestError):
-            service.video_path(job.id, other)
-    service.jobs._jobs.clear()  # from the record on disk, as another ingress replica would read it
-    assert service.status(job.id, "alice").status == "done"
-    with pytest.raises(RequestError):
-        service.status(job.id, "bob")
+            frontend.video_path(render_id, other)
+    another_replica = RenderStore(tmp_path)  # what a second ingress replica reads
+    assert another_replica.read(render_id, "alice").status == "done"
 
 
 def test_the_openapi_document_says_what_the_api_answers():
@@ -398,7 +507,9 @@ def test_the_openapi_document_says_what_the_api_answers():
     spec = api.openapi()
     paths, schemas = spec["paths"], spec["components"]["schemas"]
     create = paths["/v1/renders"]["post"]
-    assert set(create["responses"]) == {"202", "400", "401", "413", "422", "503"}
+    assert set(create["responses"]) == {"202", "400", "401", "413", "422", "429", "503"}
+    assert create["responses"]["503"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
+    assert set(paths["/v1/renders"]["get"]["responses"]) == {"200", "401", "422", "503"}
     assert set(paths["/v1/renders/{render_id}/video"]["get"]["responses"]) >= {"200", "404", "409"}
     for path, operations in paths.items():
         for method, operation in operations.items():
