@@ -472,6 +472,7 @@ class RenderQueue:
         self.store = store
         self.limits = limits or ServeLimits()
         self.records: dict[str, RenderRecord] = {}
+        self._active: set[str] = set()  # ids of the queued and running renders (what admission counts)
         self._durations: deque[float] = deque(maxlen=20)
         self._submissions: dict[str | None, deque[float]] = {}
         self._slots: asyncio.Semaphore | None = None
@@ -504,11 +505,14 @@ class RenderQueue:
             counts[record.status] += 1
         return counts
 
+    def _unfinished(self) -> list[RenderRecord]:
+        return [self.records[render_id] for render_id in self._active]
+
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: mean recent render time x waiting renders / slots."""
         if not self._durations:
             return self.limits.retry_after_s
-        waiting = sum(r.status == "queued" for r in self.records.values()) + 1
+        waiting = sum(r.status == "queued" for r in self._unfinished()) + 1
         estimate = sum(self._durations) / len(self._durations) * waiting / self.limits.max_active_renders
         return int(min(600, max(1, math.ceil(estimate))))
 
@@ -522,9 +526,9 @@ class RenderQueue:
                 wait = int(math.ceil(60 - (time.monotonic() - recent[0]))) or 1
                 raise RateLimited(f"this API key submitted {len(recent)} renders in the last minute; the limit is "
                                   f"{self.limits.renders_per_minute}", wait)
-        counts = self.counts()
-        if counts["queued"] + counts["running"] >= self.limits.max_active_renders + self.limits.max_queued_renders:
-            raise ServiceBusy(f"the render queue is full ({counts['running']} running, {counts['queued']} "
+        if len(self._active) >= self.limits.max_active_renders + self.limits.max_queued_renders:
+            running = sum(r.status == "running" for r in self._unfinished())
+            raise ServiceBusy(f"the render queue is full ({running} running, {len(self._active) - running} "
                               f"queued); retry later", self.retry_after())
 
     async def submit(self, render_id: str, options: RenderOptions, owner: str | None = None) -> dict:
@@ -560,6 +564,7 @@ class RenderQueue:
 
     # -- the render sequence
     def _launch(self, render_id: str) -> None:
+        self._active.add(render_id)
         task = asyncio.get_running_loop().create_task(self._run(render_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -575,6 +580,7 @@ class RenderQueue:
             changes["progress"] = 1.0
             self._durations.append(record.finished - (record.started or record.created))
         self._update(record, status=status, **changes)
+        self._active.discard(record.id)
         self.store.drop_inputs(record.id)
 
     async def _run(self, render_id: str) -> None:
@@ -639,6 +645,7 @@ class Frontend:
 
     def __init__(self, queue: Queue, store: RenderStore, stages: RenderStages, limits: ServeLimits):
         self.queue, self.store, self.stages, self.limits = queue, store, stages, limits
+        self._full_until = 0.0  # while the queue was recently full, ask before storing uploads
 
     async def submit(self, portrait: Media, audio: Media, pose_video: Media | None = None,
                      fields: dict | None = None, owner: str | None = None) -> dict:
@@ -650,13 +657,16 @@ class Frontend:
             inputs["pose_video"] = pose_video
         for media in inputs.values():
             check_upload(media, self.limits)
-        await self.queue.check_admission(owner)  # refuse before writing anything
+        if time.monotonic() < self._full_until:  # a burst: refuse without writing anything
+            await self.queue.check_admission(owner)
         render_id = uuid.uuid4().hex
         await asyncio.to_thread(self.store.save_inputs, render_id, inputs, options, owner)
         try:
-            return await self.queue.submit(render_id, options, owner)
-        except BaseException:
+            return await self.queue.submit(render_id, options, owner)  # admission, in one call to the queue
+        except BaseException as e:
             self.store.drop_inputs(render_id)
+            if isinstance(e, ServiceBusy) and not isinstance(e, RateLimited):
+                self._full_until = time.monotonic() + 1.0
             raise
 
     def status(self, render_id: str, owner: str | None = None) -> dict:

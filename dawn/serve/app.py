@@ -15,6 +15,7 @@ request logic (limits, upload checks, records, admission, the render sequence) i
 
 
 import asyncio
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,12 +35,16 @@ from dawn.serving import (ApiKeys, Frontend, RenderQueue, RenderStore, ServeLimi
 
 
 def _device(device: str) -> str:
-    """'auto' -> cuda when this replica was given a GPU, else cpu."""
-    if device != "auto":
-        return device
-    import torch
+    """A stage replica's device: 'auto' -> cuda when this replica was given a GPU, else cpu. A replica that
+    renders on the CPU lowers its scheduling priority, so that where it shares a machine with the ingress,
+    accepting requests is never starved by rendering."""
+    if device == "auto":
+        import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.nice(10)
+    return device
 
 
 # ---- stage deployments ---------------------------------------------------------------------------
@@ -145,11 +150,19 @@ class Renders:
         self.queue = RenderQueue(HandleStages(features, pbnet, a2v), RenderStore(output), ServeLimits(**limits))
         await self.queue.start()
 
-    async def check_admission(self, owner: str | None) -> None:
-        await self.queue.check_admission(owner)
+    # A refusal is returned, not raised: it is an answer, not a failure of this replica (a raised one would
+    # be logged with its traceback for every 503 of a burst).
+    async def check_admission(self, owner: str | None) -> DawnError | None:
+        try:
+            await self.queue.check_admission(owner)
+        except DawnError as refusal:
+            return refusal
 
-    async def submit(self, render_id: str, options: RenderOptions, owner: str | None) -> dict:
-        return await self.queue.submit(render_id, options, owner)
+    async def submit(self, render_id: str, options: RenderOptions, owner: str | None) -> dict | DawnError:
+        try:
+            return await self.queue.submit(render_id, options, owner)
+        except DawnError as refusal:
+            return refusal
 
     async def list(self, owner: str | None, limit: int, after: str | None) -> dict:
         return await self.queue.list(owner, limit, after)
@@ -166,11 +179,14 @@ class HandleQueue:
 
     async def _call(self, method: str, *args):
         try:
-            return await getattr(self.renders, method).remote(*args)
+            answer = await getattr(self.renders, method).remote(*args)
         except Exception as e:
             if _lost(e):
                 raise ServiceBusy("the render queue is restarting; retry shortly", 5) from None
             raise
+        if isinstance(answer, DawnError):
+            raise answer
+        return answer
 
     async def check_admission(self, owner=None):
         return await self._call("check_admission", owner)

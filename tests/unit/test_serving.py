@@ -353,6 +353,7 @@ def test_retry_after_follows_measured_render_time(tmp_path):
     assert queue.retry_after() == 15  # ceil(29 s x (nobody waiting + this one) / 2 slots)
     for k in range(2):
         queue.records[f"{k:032x}"] = RenderRecord(id=f"{k:032x}")
+        queue._active.add(f"{k:032x}")
     assert queue.retry_after() == 44  # ceil(29 s x (2 waiting + this one) / 2 slots)
 
 
