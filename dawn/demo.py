@@ -468,9 +468,10 @@ class Demo:
         folder.mkdir(parents=True, exist_ok=True)
         port = free_port()
         cpus = ray.cluster_resources().get("CPU", 2)
-        share = max(0.1, min(1.0, (cpus - 0.5) / 3))  # the three stage replicas + the ingress fit at once
+        share = max(0.1, min(1.0, (cpus - 0.5) / 3))  # the three stage replicas + ingress + queue fit at once
         args = {"checkpoints": str(self.paths["checkpoints"]), "output": str(folder / "service"), "device": "cpu",
                 "features_cpus": share, "pbnet_cpus": share, "a2v_cpus": share, "ingress_cpus": 0.25,
+                "queue_cpus": 0.25,
                 "max_audio_seconds": 120, "default_steps": self.settings.render_steps}
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
