@@ -70,24 +70,35 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
 
 def _check_complete(path: Path) -> None:
     """DawnError for a RIFF WAV whose header declares more audio data than the file holds (a cut-off
-    download or upload); decoders read what is there silently. Sizes 0 and 0xFFFFFFFF mean "unknown" (streamed
-    WAVs) and pass."""
-    import struct
-
+    download or upload); decoders read what is there silently."""
     with open(path, "rb") as f:
         head = f.read(1 << 16)
-    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-        return
-    offset = 12
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        wav_seconds(head, path.stat().st_size, str(path))
+
+
+def wav_seconds(head: bytes, size: int, name: str) -> float:
+    """The length in seconds a RIFF WAV's header declares, from its first bytes `head` (the fmt and data
+    chunk headers; 64 KiB is plenty) and the file's `size`. DawnError naming `name` for a WAV without fmt/data
+    chunks, or whose data chunk claims more than the file holds. Sizes 0 and 0xFFFFFFFF mean "unknown"
+    (streamed WAVs): the bytes held count."""
+    import struct
+
+    offset, byte_rate = 12, None
     while offset + 8 <= len(head):
-        chunk, size = head[offset:offset + 4], struct.unpack("<I", head[offset + 4:offset + 8])[0]
-        if chunk == b"data":
-            available = path.stat().st_size - (offset + 8)
-            if size not in (0, 0xFFFFFFFF) and size > available + 4096:
-                raise DawnError(f"{path} is truncated: its header declares {size} bytes of audio but the file "
-                                f"holds {max(0, available)}")
-            return
-        offset += 8 + size + (size & 1)  # chunks are padded to an even size
+        chunk, length = head[offset:offset + 4], struct.unpack("<I", head[offset + 4:offset + 8])[0]
+        if chunk == b"fmt " and length >= 16 and offset + 20 <= len(head):
+            byte_rate = struct.unpack("<I", head[offset + 16:offset + 20])[0] or None
+        elif chunk == b"data" and byte_rate:
+            held = size - (offset + 8)
+            if length in (0, 0xFFFFFFFF):
+                length = held
+            if length > held + 4096:
+                raise DawnError(f"{name} is truncated: its header declares {length} bytes of audio but the file "
+                                f"holds {max(0, held)}")
+            return length / byte_rate
+        offset += 8 + length + (length & 1)  # chunks are padded to an even size
+    raise DawnError(f"{name} is not a readable WAV file (no fmt and data chunks)")
 
 
 def num_frames(num_samples: int) -> int:

@@ -33,7 +33,6 @@ import logging
 import math
 import re
 import shutil
-import struct
 import time
 import uuid
 from collections import deque
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dawn import DawnError
+from dawn.audio import wav_seconds
 from dawn.config import SAMPLE_RATE
 from dawn.checkpoint import atomic_write_bytes
 from dawn.pipeline import SAMPLERS, STAGES, Media, RenderOptions, RenderState, write_video
@@ -242,8 +242,7 @@ VIDEO_CONTAINERS = ("AVI", "MP4/M4A/MOV", "WebM/Matroska")
 def check_upload(media: Media, limits: ServeLimits) -> None:
     """Size, then type: a portrait must be an image Pillow can open (its header; dimensions within
     Pillow's decompression-bomb limit), speech a container of AUDIO_CONTAINERS (a WAV also complete and no
-    longer than max_audio_seconds), a pose video one of VIDEO_CONTAINERS. RequestError (4xx) naming the
-    upload otherwise."""
+    longer than max_audio_seconds), a pose video one of VIDEO_CONTAINERS. A 4xx naming the upload otherwise."""
     check_upload_size(media, limits)
     data = media.data
     if media.role == "portrait":
@@ -266,34 +265,10 @@ def check_upload(media: Media, limits: ServeLimits) -> None:
         raise RequestError(f"{media.role} upload {media.name!r} is not {what} file dawn reads ({', '.join(allowed)})",
                            422)
     if kind == "WAV":
-        seconds = wav_seconds(data, f"{media.role} upload {media.name!r}")
+        seconds = wav_seconds(data[:1 << 16], len(data), f"{media.role} upload {media.name!r}")
         if seconds > limits.max_audio_seconds:
             raise RequestError(f"{media.role} upload {media.name!r} is {seconds:.1f} s long; the limit is "
                                f"{limits.max_audio_seconds:g} s", 422)
-
-
-def wav_seconds(data: bytes, name: str) -> float:
-    """The length a RIFF WAV's header declares, checked against the bytes held: RequestError 422 for a WAV
-    without fmt/data chunks or one whose data chunk claims more than the file holds (a cut-off upload).
-    A streamed WAV's unknown size (0 or 0xFFFFFFFF) counts the bytes held."""
-    offset, rate = 12, None
-    while offset + 8 <= len(data):
-        chunk, size = data[offset:offset + 4], struct.unpack("<I", data[offset + 4:offset + 8])[0]
-        if chunk == b"fmt " and size >= 16:
-            channels, sample_rate, byte_rate = struct.unpack("<HII", data[offset + 10:offset + 20])
-            rate = byte_rate if byte_rate > 0 else None
-        elif chunk == b"data":
-            held = len(data) - (offset + 8)
-            if rate is None:
-                break
-            if size in (0, 0xFFFFFFFF):
-                size = held
-            if size > held + 4096:
-                raise RequestError(f"{name} is truncated: its header declares {size} bytes of audio but the "
-                                   f"file holds {max(0, held)}", 422)
-            return size / rate
-        offset += 8 + size + (size & 1)  # chunks are padded to an even size
-    raise RequestError(f"{name} is not a readable WAV file (no fmt and data chunks)", 422)
 
 
 def check_decoded(state: RenderState, limits: ServeLimits) -> None:

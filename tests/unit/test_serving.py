@@ -136,7 +136,7 @@ def test_bad_uploads_are_named(case, status, message, astronaut_png, one_second)
     uploads = [upload("portrait", "p.png", portrait), upload("audio", "s.wav", audio)]
     if pose is not None:
         uploads.append(upload("pose_video", "d.mp4", pose))
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(DawnError) as info:
         for media in uploads:
             check_upload(media, limits)
     assert error_status(info.value) == status
@@ -146,10 +146,11 @@ def test_bad_uploads_are_named(case, status, message, astronaut_png, one_second)
 def test_good_uploads_pass_the_checks(astronaut_png, one_second, speech_wav, tmp_path):
     import av
 
-    from dawn.serving import check_upload, wav_seconds
+    from dawn.audio import wav_seconds
+    from dawn.serving import check_upload
 
     check_upload(upload("portrait", "p.png", astronaut_png.read_bytes()), ServeLimits())
-    assert wav_seconds(one_second, "x") == pytest.approx(1.0)
+    assert wav_seconds(one_second, len(one_second), "x") == pytest.approx(1.0)
     flac, m4a = tmp_path / "s.flac", tmp_path / "s.m4a"
     import soundfile
 
