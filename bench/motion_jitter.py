@@ -1,0 +1,113 @@
+"""Where a render's head jitter comes from: the head pose's jitter at each step from PBNet to the measured
+video, on the test videos of a shards folder, beside the ground truth's.
+
+    python bench/motion_jitter.py --shards DEMO/shards --checkpoints DEMO/checkpoints [--max-videos 2]
+                                  [--max-frames 250] [--steps 20] [--seed 0]
+
+(DEMO: a `dawn demo --out DEMO` folder.) Jitter = mean |x[t+1] - 2 x[t] + x[t-1]| * fps^2 of yaw, pitch and
+roll (deg/s^2; dawn.metrics.motion.jitter), averaged over the three angles and the videos. Rows:
+
+  truth, preprocessed        the shards' pose track (what PBNet trains on)
+  truth, measured            the ground-truth frames measured like a render is (mediapipe on the crop)
+  PBNet, latent ~ N(0, I)    PBNet's pose sequence as renders use it (a latent drawn per frame)
+  PBNet, latent 0            the same with every frame's latent at the prior's mean
+  render of PBNet's pose     the rendered video (A2V-FDM + LFG, deterministic DDIM), measured
+  ... flows smoothed s=k     the same A2V-FDM sample with its flows smoothed over time (Gaussian, k frames)
+                             before the LFG decode
+  render of the true pose    the same, driven by the ground-truth pose and blinks, measured
+
+The first two rows say how much the measurement adds; the PBNet rows what the motion generator asks for;
+the render rows what A2V-FDM and the decoder make of it. Renders also get the lip-sync proxy (the mouth
+opening's correlation with the speech envelope, dawn.metrics.lipsync), since smoothing can blunt the mouth.
+"""
+
+import argparse
+
+import numpy as np
+
+
+def _jitter(pose: np.ndarray) -> float:
+    from dawn.metrics.motion import jitter
+
+    return float(np.mean(jitter(np.asarray(pose, dtype=np.float64)[:, :3])))
+
+
+def smooth_over_time(flows, sigma: float):
+    """Gaussian filter (sigma in frames, reflected at the ends) along the time axis of flows (1, C, T, L, L)."""
+    import torch
+    import torch.nn.functional as F
+
+    radius = max(1, int(3 * sigma + 0.5))
+    offsets = torch.arange(-radius, radius + 1, dtype=flows.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).view(1, 1, -1)
+    _, c, t, h, w = flows.shape
+    series = flows.permute(0, 1, 3, 4, 2).reshape(-1, 1, t)  # one row per channel and pixel
+    series = F.conv1d(F.pad(series, (radius, radius), mode="reflect"), kernel)
+    return series.reshape(1, c, h, w, t).permute(0, 1, 4, 2, 3).contiguous()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--checkpoints", required=True)
+    parser.add_argument("--max-videos", type=int, default=2)
+    parser.add_argument("--max-frames", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smooth", type=float, nargs="*", default=[1.0, 2.0], help="flow smoothing sigmas to try")
+    args = parser.parse_args()
+
+    import torch
+
+    from dawn.evaluation import _test_videos
+    from dawn.metrics.lipsync import analyze_frames, lip_sync_proxy
+    from dawn.pipeline import Motion, Portrait, RenderOptions, RenderPipeline
+
+    pipeline = RenderPipeline.from_checkpoints(args.checkpoints, stages=("motion", "frames"))
+    options = RenderOptions(steps=args.steps, eta=0.0, seed=args.seed, crop="none")
+    rows: dict[str, list[float]] = {}
+    sync: dict[str, list[float]] = {}
+    videos = []
+    for video in _test_videos(args.shards, args.max_frames):
+        if len(videos) == args.max_videos:
+            break
+        videos.append(video["video_id"])
+        portrait = Portrait(image=video["frames"][0], pose=video["pose"][0].astype(np.float32),
+                            eyes=video["eyes"][0].astype(np.float32), face_box=video["face_box"][0].astype(np.float32))
+        hubert = video["hubert"].astype(np.float32)
+        sampled = pipeline.sample_motion(portrait, hubert, seed=args.seed)
+        with torch.no_grad():
+            audio = torch.as_tensor(hubert)[None]
+            z = torch.zeros(1, len(hubert), pipeline.pbnet_pose.config.audio_latent_dim)
+            mean_pose = pipeline.pbnet_pose.generate(torch.as_tensor(portrait.pose)[None], audio, z=z)[0].numpy()
+        truth_motion = Motion(pose=video["pose"].astype(np.float32), eyes=video["eyes"].astype(np.float32))
+        measured_truth = analyze_frames(video["frames"])
+        for label, pose in (("truth, preprocessed", video["pose"]), ("truth, measured", measured_truth["pose"]),
+                            ("PBNet, latent ~ N(0, I)", sampled.pose), ("PBNet, latent 0", mean_pose)):
+            rows.setdefault(label, []).append(_jitter(pose))
+        sync.setdefault("truth, measured", []).append(
+            lip_sync_proxy(measured_truth["mouth_opening"], video["audio"])["correlation"])
+        for name, motion in (("PBNet's pose", sampled), ("the true pose", truth_motion)):
+            flows = pipeline.sample_flows(portrait, hubert, motion, options)
+            for sigma in [0.0] + (list(args.smooth) if name == "PBNet's pose" else []):
+                label = f"render of {name}" + (f", flows s={sigma:g}" if sigma else "")
+                smoothed = smooth_over_time(flows, sigma) if sigma else flows
+                analysis = analyze_frames(pipeline.decode_frames(portrait, smoothed))
+                rows.setdefault(label, []).append(_jitter(analysis["pose"]))
+                sync.setdefault(label, []).append(lip_sync_proxy(analysis["mouth_opening"], video["audio"])["correlation"])
+
+    truth = np.mean(rows["truth, preprocessed"])
+    measured = np.mean(rows["truth, measured"])
+    print(f"motion jitter: {len(videos)} test videos of {args.shards} ({', '.join(videos)}), up to "
+          f"{args.max_frames} frames, {args.steps} DDIM steps (eta 0), seed {args.seed}")
+    print(f"{'head pose (yaw/pitch/roll)':<32} {'jitter deg/s^2':>14} {'/ truth':>8} {'/ truth measured':>17} "
+          f"{'lip-sync':>9}")
+    for label, values in rows.items():
+        value = float(np.mean(values))
+        lips = f"{np.mean(sync[label]):>9.2f}" if label in sync else f"{'':>9}"
+        print(f"{label:<32} {value:>14.0f} {value / truth:>8.2f} {value / measured:>17.2f} {lips}")
+
+
+if __name__ == "__main__":
+    main()
