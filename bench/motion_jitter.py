@@ -13,7 +13,7 @@ roll (deg/s^2; dawn.metrics.motion.jitter), averaged over the three angles and t
   PBNet, latent 0            the same with every frame's latent at the prior's mean
   render of PBNet's pose     the rendered video (A2V-FDM + LFG, deterministic DDIM), measured
   ... flows smoothed s=k     the same A2V-FDM sample with its flows smoothed over time (Gaussian, k frames)
-                             before the LFG decode
+                             before the LFG decode (RenderOptions.motion_smoothing)
   render of the true pose    the same, driven by the ground-truth pose and blinks, measured
 
 The first two rows say how much the measurement adds; the PBNet rows what the motion generator asks for;
@@ -32,21 +32,6 @@ def _jitter(pose: np.ndarray) -> float:
     return float(np.mean(jitter(np.asarray(pose, dtype=np.float64)[:, :3])))
 
 
-def smooth_over_time(flows, sigma: float):
-    """Gaussian filter (sigma in frames, reflected at the ends) along the time axis of flows (1, C, T, L, L)."""
-    import torch
-    import torch.nn.functional as F
-
-    radius = max(1, int(3 * sigma + 0.5))
-    offsets = torch.arange(-radius, radius + 1, dtype=flows.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).view(1, 1, -1)
-    _, c, t, h, w = flows.shape
-    series = flows.permute(0, 1, 3, 4, 2).reshape(-1, 1, t)  # one row per channel and pixel
-    series = F.conv1d(F.pad(series, (radius, radius), mode="reflect"), kernel)
-    return series.reshape(1, c, h, w, t).permute(0, 1, 4, 2, 3).contiguous()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", required=True)
@@ -62,7 +47,7 @@ def main() -> None:
 
     from dawn.evaluation import _test_videos
     from dawn.metrics.lipsync import analyze_frames, lip_sync_proxy
-    from dawn.pipeline import Motion, Portrait, RenderOptions, RenderPipeline
+    from dawn.pipeline import Motion, Portrait, RenderOptions, RenderPipeline, smooth_over_time
 
     pipeline = RenderPipeline.from_checkpoints(args.checkpoints, stages=("motion", "frames"))
     options = RenderOptions(steps=args.steps, eta=0.0, seed=args.seed, crop="none")

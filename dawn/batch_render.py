@@ -3,7 +3,7 @@
 The manifest is CSV (with a header) or JSON Lines, one render per row:
 
     id, portrait, audio, pose_video (optional), and any render option as a column (optional):
-    seed, steps, eta, sampler, crop, decode_batch, cond_scale, paste_back, max_side
+    seed, steps, eta, sampler, crop, decode_batch, cond_scale, paste_back, max_side, motion_smoothing
 
 A row's options replace the job's (`--steps`, `--eta`, ...); a bad value fails that row with the same
 one-line reason `dawn render` and the HTTP API give. Relative paths are relative to the manifest's folder.
@@ -320,6 +320,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="noise seed of rows without a seed column")
     parser.add_argument("--paste-back", action="store_true", help="whole portraits with the rendered head blended in")
     parser.add_argument("--max-side", type=int, default=1920, help="with --paste-back: longer side at most this")
+    parser.add_argument("--motion-smoothing", type=float, default=0.0,
+                        help="smooth the sampled motion over time, sigma in frames (default 0: as sampled)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (local runs only)")
     parser.add_argument("--features-actors", type=int, default=1, help="image/audio/HuBERT actors")
@@ -337,7 +339,7 @@ def run_from_args(args) -> int:
     """Run the job from parsed `add_arguments` flags, print the counts; exit status 1 when any row failed."""
     options = RenderOptions.from_fields({"steps": args.steps, "eta": args.eta, "sampler": args.sampler,
                                          "crop": args.crop, "seed": args.seed, "paste_back": args.paste_back,
-                                         "max_side": args.max_side})
+                                         "max_side": args.max_side, "motion_smoothing": args.motion_smoothing})
     results = run_batch_render(
         args.manifest, args.checkpoints, args.output, options=options, hubert=args.hubert,
         address=args.address, num_cpus=args.num_cpus, features_actors=args.features_actors,

@@ -97,6 +97,12 @@ EXPERIMENT = "dawn-demo"
 # reference (eta 1) adds noise the model cannot remove in the remaining steps (plain-torch A2V-FDM after 160
 # steps: lip-sync proxy 0.25 with eta 0 against 0.10 with eta 1 on the held-out videos).
 RENDER_ETA = 0.0
+# Renders smooth A2V-FDM's sampled flows over time (RenderOptions.motion_smoothing, a Gaussian of 1.25 frames;
+# the paper's default is 0). The head of a demo render shook ~5x more than the ground truth's, from the flows
+# themselves: driven by the true pose it still shook 5x, while PBNet's pose sequence is within 1.6x of the
+# truth's (bench/motion_jitter.py on a demo run, 2 held-out videos: render jitter 5.7x -> 1.3x the truth's,
+# lip-sync proxy 0.65 -> 0.63; 2 frames: 0.6x, 0.55).
+RENDER_MOTION_SMOOTHING = 1.25
 # The stand-in for HuBERT (no trained weights can be downloaded): random weights keep each frame's loudness
 # only with the group-norm feature encoder (dawn.audio.hubert_config).
 HUBERT_PRESET = "tiny-group-norm"
@@ -114,6 +120,7 @@ class DemoSettings:
     skip_serve: bool = False
     render_steps: int = 20
     render_eta: float = RENDER_ETA
+    render_motion_smoothing: float = RENDER_MOTION_SMOOTHING
 
     def __post_init__(self):
         self.out = Path(self.out).expanduser().resolve()
@@ -128,6 +135,8 @@ class DemoSettings:
             raise DawnError("--workers and --render-steps must be at least 1")
         if not 0 <= self.render_eta <= 1:
             raise DawnError(f"--render-eta must be between 0 and 1, got {self.render_eta}")
+        if not 0 <= self.render_motion_smoothing <= 10:
+            raise DawnError(f"--render-motion-smoothing must be between 0 and 10, got {self.render_motion_smoothing}")
         if self.preset not in ("tiny", "hdtf128", "hdtf256"):
             raise DawnError(f"unknown preset {self.preset!r} (tiny, hdtf128, hdtf256)")
 
@@ -442,6 +451,7 @@ class Demo:
         # One A2V-FDM actor per core, one row per batch: the rows have different lengths, so they cannot share a
         # sampling pass, and two renders run side by side.
         options = RenderOptions(steps=self.settings.render_steps, eta=self.settings.render_eta,
+                                motion_smoothing=self.settings.render_motion_smoothing,
                                 seed=self.settings.seed)
         results = run_batch_render(self.results["inputs"]["manifest"], self.paths["checkpoints"], self.paths["batch"],
                                    options=options, a2v_actors=max(1, min(2, os.cpu_count() or 1)),
@@ -483,7 +493,8 @@ class Demo:
                 response = requests.post(f"{base}/v1/renders", files={"portrait": ("portrait.png", portrait),
                                                                       "audio": ("speech.wav", audio)},
                                          data={"seed": str(row["seed"]), "steps": str(self.settings.render_steps),
-                                               "eta": str(self.settings.render_eta)},
+                                               "eta": str(self.settings.render_eta),
+                                               "motion_smoothing": str(self.settings.render_motion_smoothing)},
                                          timeout=120)
             if response.status_code != 202:
                 raise DawnError(f"POST /v1/renders answered {response.status_code}: {response.text[:500]}")
@@ -758,6 +769,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--render-steps", type=int, default=20, help="DDIM steps of the renders (default 20)")
     p.add_argument("--render-eta", type=float, default=RENDER_ETA,
                    help=f"DDIM eta of the renders (default {RENDER_ETA}: deterministic; 1 is the reference's)")
+    p.add_argument("--render-motion-smoothing", type=float, default=RENDER_MOTION_SMOOTHING,
+                   help=f"renders' motion smoothing, sigma in frames (default {RENDER_MOTION_SMOOTHING}; 0 is the "
+                        f"paper's)")
     p.add_argument("--skip-serve", action="store_true", help="do not start the Serve HTTP app")
     p.set_defaults(func=_demo_command)
 
@@ -765,5 +779,6 @@ def register_cli(subparsers) -> None:
 def _demo_command(args: argparse.Namespace) -> int:
     run_demo(DemoSettings(out=args.out, budget_minutes=args.budget_minutes, videos=args.videos,
                           seconds=args.seconds, preset=args.preset, workers=args.workers, seed=args.seed,
-                          skip_serve=args.skip_serve, render_steps=args.render_steps, render_eta=args.render_eta))
+                          skip_serve=args.skip_serve, render_steps=args.render_steps, render_eta=args.render_eta,
+                          render_motion_smoothing=args.render_motion_smoothing))
     return 0

@@ -76,10 +76,14 @@ class RenderOptions:
     cond_scale: float = 1.0  # classifier-free guidance scale (1: none)
     paste_back: bool = False  # write the whole portrait with the rendered head blended in (dawn.composite)
     max_side: int = 1920  # paste-back: the video's longer side at most this (the portrait scaled down)
+    # Gaussian smoothing over time (sigma, in frames) of A2V-FDM's sampled flows before the LFG decode: 0, the
+    # paper's, leaves them as sampled; ~1 removes the frame-to-frame shake of briefly trained models
+    # (docs/demo.md: "Where the jitter comes from")
+    motion_smoothing: float = 0.0
 
     # the fields a request or a manifest row may set, with their types
     FIELDS = {"steps": int, "eta": float, "seed": int, "sampler": str, "crop": str, "decode_batch": int,
-              "cond_scale": float, "paste_back": bool, "max_side": int}
+              "cond_scale": float, "paste_back": bool, "max_side": int, "motion_smoothing": float}
 
     def __post_init__(self):
         for name, kind in self.FIELDS.items():
@@ -111,6 +115,8 @@ class RenderOptions:
             raise OptionError(f"cond_scale must be a finite number, got {self.cond_scale:g}")
         if self.max_side < 16:
             raise OptionError(f"max_side must be at least 16, got {self.max_side}")
+        if not 0 <= self.motion_smoothing <= 10:
+            raise OptionError(f"motion_smoothing must be between 0 and 10 frames, got {self.motion_smoothing:g}")
 
     @classmethod
     def from_fields(cls, fields: Mapping, base: "RenderOptions | None" = None) -> "RenderOptions":
@@ -499,7 +505,8 @@ class RenderPipeline:
         for i, state in enumerate(states):
             if state.frames is None:
                 o = state.options
-                key = (state.num_frames, state.portrait.image.shape, o.steps, o.sampler, o.eta, o.cond_scale)
+                key = (state.num_frames, state.portrait.image.shape, o.steps, o.sampler, o.eta, o.cond_scale,
+                       o.motion_smoothing)
                 groups.setdefault(key, []).append(i)
         for indices in groups.values():
             chosen = [states[i] for i in indices]
@@ -508,6 +515,8 @@ class RenderPipeline:
                 flows = self.sample_flows_batch([s.portrait for s in chosen], [s.hubert for s in chosen],
                                                 [s.motion for s in chosen], chosen[0].options,
                                                 seeds=[s.options.seed for s in chosen], progress=sampling)
+                if chosen[0].options.motion_smoothing:
+                    flows = smooth_over_time(flows, chosen[0].options.motion_smoothing)
                 decoding = None if progress is None else (lambda done, total: progress("decoding", done, total))
                 for k, state in enumerate(chosen):
                     state.frames = self.decode_frames(state.portrait, flows[k:k + 1],
@@ -634,6 +643,21 @@ class RenderPipeline:
                 if progress is not None:
                     progress(stop, t)
         return frames
+
+def smooth_over_time(flows: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian filter along the time axis of flows (B, C, T, L, L); sigma in frames, the ends reflected
+    (a constant sequence stays as it is)."""
+    radius = min(max(1, int(3 * sigma + 0.5)), flows.shape[2] - 1)
+    if radius < 1:
+        return flows
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=flows.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).view(1, 1, -1)
+    b, c, t, h, w = flows.shape
+    series = flows.float().permute(0, 1, 3, 4, 2).reshape(-1, 1, t)  # one row per channel and latent pixel
+    series = torch.nn.functional.conv1d(torch.nn.functional.pad(series, (radius, radius), mode="reflect"), kernel)
+    return series.reshape(b, c, h, w, t).permute(0, 1, 4, 2, 3).to(flows.dtype).contiguous()
+
 
 def _check_compatible(lfg, a2v) -> None:
     s, latent = lfg.config.image_size, a2v.config.latent_size

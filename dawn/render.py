@@ -117,6 +117,9 @@ def register_cli(subparsers) -> None:
                    help="write the whole portrait at its resolution with the rendered head blended in")
     p.add_argument("--max-side", type=int, default=defaults.max_side,
                    help=f"with --paste-back: the video's longer side at most this (default {defaults.max_side})")
+    p.add_argument("--motion-smoothing", type=float, default=defaults.motion_smoothing,
+                   help="smooth the sampled motion over time, sigma in frames (default 0: as sampled; ~1 steadies "
+                        "briefly trained models)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_render_command)
 

@@ -343,11 +343,13 @@ class DawnAPI:
                             paste_back: bool = Form(None, description="the whole portrait with the head "
                                                                       "blended in (default false)"),
                             max_side: int = Form(None, description="with paste_back: the video's longer side "
-                                                                   "at most this")) -> dict:
+                                                                   "at most this"),
+                            motion_smoothing: float = Form(None, description="smooth the motion over time, sigma "
+                                                                             "in frames (default 0)")) -> dict:
         owner = self._owner(request)
         limits = self.frontend.limits
         fields = {"seed": seed, "steps": steps, "eta": eta, "sampler": sampler, "crop": crop,
-                  "paste_back": paste_back, "max_side": max_side}
+                  "paste_back": paste_back, "max_side": max_side, "motion_smoothing": motion_smoothing}
         record = await self.frontend.submit(
             await _read(portrait, "portrait", limits), await _read(audio, "audio", limits),
             await _read(pose_video, "pose_video", limits), fields=fields, owner=owner)

@@ -21,7 +21,8 @@ def test_options_check_themselves_with_one_line_reasons():
             ({"seed": -3}, "seed must be between 0 and 2**63 - 1, got -3"),
             ({"steps": 2.5}, "steps must be an integer, got 2.5"),
             ({"steps": True}, "steps must be an integer, got True"),
-            ({"decode_batch": 0}, "decode_batch must be at least 1, got 0")):
+            ({"decode_batch": 0}, "decode_batch must be at least 1, got 0"),
+            ({"motion_smoothing": -1}, "motion_smoothing must be between 0 and 10 frames, got -1")):
         with pytest.raises(OptionError) as info:
             RenderOptions(**changes)
         assert str(info.value) == message and "\n" not in str(info.value)
@@ -118,3 +119,26 @@ def test_production_training_config_has_no_test_hooks():
     from dawn.train.config import TrainConfig
 
     assert not {"fail_at_step", "reference_mode"} & {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_motion_smoothing_filters_flows_over_time_only():
+    """A Gaussian along T: constants and straight lines stay (up to the reflected ends), frame-to-frame
+    noise shrinks by about the filter's gain, and nothing leaks between channels or pixels."""
+    import torch
+
+    from dawn.pipeline import smooth_over_time
+
+    torch.manual_seed(0)
+    t = torch.arange(40, dtype=torch.float32)
+    ramp = t.view(1, 1, -1, 1, 1).expand(2, 3, 40, 4, 4).clone()
+    smoothed = smooth_over_time(ramp, 1.25)
+    assert smoothed.shape == ramp.shape
+    torch.testing.assert_close(smoothed[:, :, 4:-4], ramp[:, :, 4:-4], atol=1e-4, rtol=0)  # a line is kept
+    noise = torch.randn(1, 3, 400, 2, 2)
+    gain = float(smooth_over_time(noise, 1.25).std() / noise.std())
+    assert 0.4 < gain < 0.55  # white noise through a Gaussian of sigma 1.25: sqrt(1 / (2 sqrt(pi) 1.25)) = 0.48
+    spike = torch.zeros(1, 2, 21, 2, 2)
+    spike[0, 0, 10, 1, 1] = 1.0
+    out = smooth_over_time(spike, 1.0)
+    assert float(out.sum()) == pytest.approx(1.0, abs=1e-5) and float(out[0, 1].abs().max()) == 0.0
+    assert float(out[0, 0, :, 0, 0].abs().max()) == 0.0 and float(out[0, 0, 10, 1, 1]) == pytest.approx(0.399, abs=2e-3)
