@@ -11,6 +11,8 @@ roll (deg/s^2; dawn.metrics.motion.jitter), averaged over the three angles and t
   truth, measured            the ground-truth frames measured like a render is (mediapipe on the crop)
   PBNet, latent ~ N(0, I)    PBNet's pose sequence as renders use it (a latent drawn per frame)
   PBNet, latent 0            the same with every frame's latent at the prior's mean
+  LFG reconstruction         the LFG's reconstruction of each true frame from the first (no A2V-FDM),
+                             measured: what the decoder can show at best
   render of PBNet's pose     the rendered video (A2V-FDM + LFG, deterministic DDIM), measured
   ... flows smoothed s=k     the same A2V-FDM sample with its flows smoothed over time (Gaussian, k frames)
                              before the LFG decode (RenderOptions.motion_smoothing)
@@ -19,11 +21,30 @@ roll (deg/s^2; dawn.metrics.motion.jitter), averaged over the three angles and t
 The first two rows say how much the measurement adds; the PBNet rows what the motion generator asks for;
 the render rows what A2V-FDM and the decoder make of it. Renders also get the lip-sync proxy (the mouth
 opening's correlation with the speech envelope, dawn.metrics.lipsync), since smoothing can blunt the mouth.
+Every row also gets its blink rate (dawn.metrics.motion.blinks_per_second of the eye-ratio track), which says
+at which step the blinks of the ground truth get lost.
 """
 
 import argparse
 
 import numpy as np
+
+
+def _blinks(eyes: np.ndarray) -> float:
+    from dawn.metrics.motion import blinks_per_second
+
+    return blinks_per_second(np.asarray(eyes, dtype=np.float64))
+
+
+def _reconstruct(lfg, frames: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The LFG's reconstruction (T, S, S, 3) uint8 of every frame from the first, as in its training."""
+    import torch
+
+    images = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        out = torch.cat([lfg(images[:1].expand(len(chunk), -1, -1, -1), chunk)["prediction"]
+                         for chunk in images.split(batch)])
+    return (out.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _jitter(pose: np.ndarray) -> float:
@@ -53,6 +74,7 @@ def main() -> None:
     options = RenderOptions(steps=args.steps, eta=0.0, seed=args.seed, crop="none")
     rows: dict[str, list[float]] = {}
     sync: dict[str, list[float]] = {}
+    blinks: dict[str, list[float]] = {}
     videos = []
     for video in _test_videos(args.shards, args.max_frames):
         if len(videos) == args.max_videos:
@@ -66,13 +88,20 @@ def main() -> None:
             audio = torch.as_tensor(hubert)[None]
             z = torch.zeros(1, len(hubert), pipeline.pbnet_pose.config.audio_latent_dim)
             mean_pose = pipeline.pbnet_pose.generate(torch.as_tensor(portrait.pose)[None], audio, z=z)[0].numpy()
+            z = torch.zeros(1, len(hubert), pipeline.pbnet_blink.config.audio_latent_dim)
+            mean_eyes = pipeline.pbnet_blink.generate(torch.as_tensor(portrait.eyes)[None], audio, z=z)[0].numpy()
         truth_motion = Motion(pose=video["pose"].astype(np.float32), eyes=video["eyes"].astype(np.float32))
         measured_truth = analyze_frames(video["frames"])
-        for label, pose in (("truth, preprocessed", video["pose"]), ("truth, measured", measured_truth["pose"]),
-                            ("PBNet, latent ~ N(0, I)", sampled.pose), ("PBNet, latent 0", mean_pose)):
+        reconstruction = analyze_frames(_reconstruct(pipeline.lfg, video["frames"]))
+        for label, pose, eyes in (("truth, preprocessed", video["pose"], video["eyes"]),
+                                  ("truth, measured", measured_truth["pose"], measured_truth["eye_ratios"]),
+                                  ("PBNet, latent ~ N(0, I)", sampled.pose, sampled.eyes),
+                                  ("PBNet, latent 0", mean_pose, mean_eyes),
+                                  ("LFG reconstruction", reconstruction["pose"], reconstruction["eye_ratios"])):
             rows.setdefault(label, []).append(_jitter(pose))
-        sync.setdefault("truth, measured", []).append(
-            lip_sync_proxy(measured_truth["mouth_opening"], video["audio"])["correlation"])
+            blinks.setdefault(label, []).append(_blinks(eyes))
+        for label, analysis in (("truth, measured", measured_truth), ("LFG reconstruction", reconstruction)):
+            sync.setdefault(label, []).append(lip_sync_proxy(analysis["mouth_opening"], video["audio"])["correlation"])
         for name, motion in (("PBNet's pose", sampled), ("the true pose", truth_motion)):
             flows = pipeline.sample_flows(portrait, hubert, motion, options)
             for sigma in [0.0] + (list(args.smooth) if name == "PBNet's pose" else []):
@@ -80,6 +109,7 @@ def main() -> None:
                 smoothed = smooth_over_time(flows, sigma) if sigma else flows
                 analysis = analyze_frames(pipeline.decode_frames(portrait, smoothed))
                 rows.setdefault(label, []).append(_jitter(analysis["pose"]))
+                blinks.setdefault(label, []).append(_blinks(analysis["eye_ratios"]))
                 sync.setdefault(label, []).append(lip_sync_proxy(analysis["mouth_opening"], video["audio"])["correlation"])
 
     truth = np.mean(rows["truth, preprocessed"])
@@ -87,11 +117,12 @@ def main() -> None:
     print(f"motion jitter: {len(videos)} test videos of {args.shards} ({', '.join(videos)}), up to "
           f"{args.max_frames} frames, {args.steps} DDIM steps (eta 0), seed {args.seed}")
     print(f"{'head pose (yaw/pitch/roll)':<32} {'jitter deg/s^2':>14} {'/ truth':>8} {'/ truth measured':>17} "
-          f"{'lip-sync':>9}")
+          f"{'lip-sync':>9} {'blinks/s':>9}")
     for label, values in rows.items():
         value = float(np.mean(values))
         lips = f"{np.mean(sync[label]):>9.2f}" if label in sync else f"{'':>9}"
-        print(f"{label:<32} {value:>14.0f} {value / truth:>8.2f} {value / measured:>17.2f} {lips}")
+        print(f"{label:<32} {value:>14.0f} {value / truth:>8.2f} {value / measured:>17.2f} {lips} "
+              f"{np.mean(blinks[label]):>9.2f}")
 
 
 if __name__ == "__main__":

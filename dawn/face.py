@@ -48,6 +48,9 @@ EYEBROWS = (46, 52, 53, 55, 63, 65, 66, 70, 105, 107, 276, 282, 283, 285, 293, 2
 FACE_BOX_POINTS = JAW_CONTOUR + EYEBROWS
 LIPS = (0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191, 267, 269, 270,
         291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415)  # mediapipe FACEMESH_LIPS
+EYE_CONTOURS = (7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246,  # FACEMESH_RIGHT_EYE
+                249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466)  # FACEMESH_LEFT_EYE
+EYE_BOX_HEIGHT = 0.25  # the eye box's height as a fraction of its width (both eyes' corner-to-corner span)
 
 # Head pose: rigid points only (nothing that moves with the jaw, lids or lips).
 SYMMETRIC_PAIRS = ((33, 263), (133, 362), (234, 454), (127, 356), (98, 327), (70, 300))  # (right, left)
@@ -255,6 +258,17 @@ def lip_box(landmarks: np.ndarray, image_shape) -> np.ndarray:
     return lip_box_batch(landmarks[None], image_shape)[0]
 
 
+def eye_box_batch(landmarks: np.ndarray, image_shape) -> np.ndarray:
+    """(T, 478, 3) -> (T, 6) [x_min, x_max, y_min, y_max, H, W] of both eyes: their corner-to-corner span, and
+    EYE_BOX_HEIGHT x that span around the lids' mean height, so the box of a closed eye still covers where
+    the open eye was (what a blink changes)."""
+    box = _box_batch(landmarks, EYE_CONTOURS, image_shape)
+    centre = np.trunc(landmarks[..., list(EYE_CONTOURS), 1]).mean(-1)
+    half = 0.5 * EYE_BOX_HEIGHT * (box[..., 1] - box[..., 0])
+    box[..., 2], box[..., 3] = np.floor(centre - half), np.ceil(centre + half)
+    return box
+
+
 def _normalize(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
@@ -460,7 +474,7 @@ def analyze_video_frames(frames: np.ndarray) -> dict[str, np.ndarray]:
     """Track one face through (T, H, W, 3) uint8 RGB frames (one FaceMesh in tracking mode).
 
     Returns float32 arrays: landmarks (T, 478, 3), pose (T, 6), eye_ratios (T, 2), mouth_opening (T,),
-    face_box (T, 6), lip_box (T, 6), and found (T,) bool. Frames without a face repeat the nearest frame
+    face_box (T, 6), lip_box (T, 6), eye_box (T, 6), and found (T,) bool. Frames without a face repeat the nearest frame
     with one (found=False marks them). Raises DawnError when no frame shows a face.
     """
     frames = np.asarray(frames)
@@ -487,4 +501,5 @@ def analyze_video_frames(frames: np.ndarray) -> dict[str, np.ndarray]:
     landmarks = landmarks[nearest]
     return dict(landmarks=landmarks, pose=head_pose_batch(landmarks), eye_ratios=eye_ratios_batch(landmarks),
                 mouth_opening=mouth_opening_batch(landmarks), face_box=face_box_batch(landmarks, (height, width)),
-                lip_box=lip_box_batch(landmarks, (height, width)), found=found)
+                lip_box=lip_box_batch(landmarks, (height, width)), eye_box=eye_box_batch(landmarks, (height, width)),
+                found=found)

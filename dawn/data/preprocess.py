@@ -306,7 +306,7 @@ def _crop_and_measure(reader, indices: np.ndarray, box, resolution: int, path: P
         with cpu_timer(timings, "face"):
             parts.append(_measure_faces(crops))
     measures = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-    for name in ("face_box", "lip_box"):  # analysis-crop pixels -> S-crop pixels
+    for name in ("face_box", "lip_box", "eye_box"):  # analysis-crop pixels -> S-crop pixels
         measures[name][:, :4] *= resolution / analysis_size
         measures[name][:, 4:] = resolution
     return frames, measures
@@ -321,9 +321,11 @@ def _measure_faces(crops: np.ndarray) -> dict[str, np.ndarray]:
     except DawnError:  # no face in any frame of this chunk
         return {"pose": np.zeros((num, 6), np.float32), "eyes": np.zeros((num, 2), np.float32),
                 "mouth": np.zeros(num, np.float32), "face_box": np.zeros((num, 6), np.float32),
-                "lip_box": np.zeros((num, 6), np.float32), "found": np.zeros(num, bool)}
+                "lip_box": np.zeros((num, 6), np.float32), "eye_box": np.zeros((num, 6), np.float32),
+                "found": np.zeros(num, bool)}
     return {"pose": analysis["pose"], "eyes": analysis["eye_ratios"], "mouth": analysis["mouth_opening"],
-            "face_box": analysis["face_box"], "lip_box": analysis["lip_box"], "found": analysis["found"]}
+            "face_box": analysis["face_box"], "lip_box": analysis["lip_box"], "eye_box": analysis["eye_box"],
+            "found": analysis["found"]}
 
 
 def _load_audio(path: Path) -> np.ndarray:

@@ -15,6 +15,7 @@ import json
 import os
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -180,12 +181,15 @@ def _run_actors(todo: list[VideoItem], output: Path, hubert_dir: Path, settings:
     tolerated = context.max_errored_blocks
     context.max_errored_blocks = -1  # one block per video: a worker that dies loses that video only
     try:
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            VideoPreprocessor, batch_size=1, batch_format="numpy", num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-            num_gpus=gpu_share or None, max_task_retries=WORKER_CRASH_RETRIES,
-            fn_constructor_kwargs={"output": str(output.resolve()), "hubert_dir": str(hubert_dir.resolve()),
-                                   "settings": asdict(settings), "device": "cuda" if gpu_share else "cpu"})
+        with warnings.catch_warnings():
+            # the retry count has no named parameter yet, only the deprecated ray_remote_args route
+            warnings.filterwarnings("ignore", message=r".*ray_remote_args. is deprecated.*")
+            dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                VideoPreprocessor, batch_size=1, batch_format="numpy", num_cpus=1,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+                num_gpus=gpu_share or None, max_task_retries=WORKER_CRASH_RETRIES,
+                fn_constructor_kwargs={"output": str(output.resolve()), "hubert_dir": str(hubert_dir.resolve()),
+                                       "settings": asdict(settings), "device": "cuda" if gpu_share else "cpu"})
         results = []
         for row in dataset.iter_rows():
             result = {name: row[name].item() if hasattr(row[name], "item") else row[name] for name in RESULT_FIELDS}

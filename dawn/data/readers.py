@@ -72,21 +72,24 @@ def lfg_pairs(rows: Iterable[dict], batch_size: int, rng: np.random.Generator, p
               drop_last: bool = True) -> Iterator[dict]:
     """LFG training pairs: source and driving frames drawn uniformly from the same segment.
 
-    Yields {"source": (B,3,S,S), "driving": (B,3,S,S)} float32 in [0, 1], and "driving_lip_box" (B,6) float32
-    (the driving frame's lip box, pixels) when the rows have a "lip_box" column.
+    Yields {"source": (B,3,S,S), "driving": (B,3,S,S)} float32 in [0, 1], and "driving_lip_box" /
+    "driving_eye_box" (B,6) float32 (the driving frame's boxes, pixels) when the rows have those columns.
     """
+    boxes = ("lip_box", "eye_box")
+
     def samples():
         for row in rows:
             for _ in range(per_row):
                 source, driving = rng.integers(0, row["num_frames"], size=2)
-                lip_box = row["lip_box"][driving] if "lip_box" in row else None
-                yield row["frames"][source], row["frames"][driving], lip_box
+                yield (row["frames"][source], row["frames"][driving],
+                       *(row[name][driving] if name in row else None for name in boxes))
 
     def collate(batch):
-        sources, drivings, lip_boxes = zip(*batch)
+        sources, drivings, *per_box = zip(*batch)
         pairs = {"source": _images(np.stack(sources)), "driving": _images(np.stack(drivings))}
-        if all(box is not None for box in lip_boxes):
-            pairs["driving_lip_box"] = torch.from_numpy(np.stack(lip_boxes).astype(np.float32))
+        for name, values in zip(boxes, per_box):
+            if all(box is not None for box in values):
+                pairs[f"driving_{name}"] = torch.from_numpy(np.stack(values).astype(np.float32))
         return pairs
 
     yield from _batches(samples(), batch_size, collate, drop_last)
@@ -127,7 +130,7 @@ def a2v_clips(rows: Iterable[dict], batch_size: int, stage: int, rng: np.random.
 
     Yields {"frames": (B,3,K,S,S), "source": (B,3,S,S) float in [0,1]; "hubert": (B,K,1024);
     "pose_delta": (B,K,6) and "eye_delta": (B,K,2), each frame minus the source frame (§3.3);
-    "source_face_box": (B,6); "lip_box": (B,K,6); "clip_start", "source_index": (B,) int64 frame indices in the
+    "source_face_box": (B,6); "lip_box" and (when the rows have it) "eye_box": (B,K,6); "clip_start", "source_index": (B,) int64 frame indices in the
     segment; "num_frames": K (int)}.
     """
     if stage not in (1, 2):
@@ -158,14 +161,16 @@ def _a2v_sample(row: dict, start: int, length: int, source: int) -> dict:
     return {"frames": row["frames"][clip], "source": row["frames"][source], "hubert": row["hubert"][clip],
             "pose_delta": row["pose"][clip] - row["pose"][source], "eye_delta": row["eyes"][clip] - row["eyes"][source],
             "source_face_box": row["face_box"][source], "lip_box": row["lip_box"][clip],
+            **({"eye_box": row["eye_box"][clip]} if "eye_box" in row else {}),
             "clip_start": start, "source_index": source}
 
 
 def _a2v_collate(batch: list[dict], clip_frames: int) -> dict:
     stacked = {name: np.stack([s[name] for s in batch]) for name in batch[0]}
     out = {"frames": _images(stacked["frames"]), "source": _images(stacked["source"]), "num_frames": clip_frames}
-    for name in ("hubert", "pose_delta", "eye_delta", "source_face_box", "lip_box"):
-        out[name] = torch.from_numpy(stacked[name].astype(np.float32))
+    for name in ("hubert", "pose_delta", "eye_delta", "source_face_box", "lip_box", "eye_box"):
+        if name in stacked:
+            out[name] = torch.from_numpy(stacked[name].astype(np.float32))
     for name in ("clip_start", "source_index"):
         out[name] = torch.from_numpy(stacked[name].astype(np.int64))
     return out

@@ -42,6 +42,7 @@ ARRAY_COLUMNS = {
     "mouth": (np.float32, ("T",)),  # inner-lip gap / mouth width
     "face_box": (np.float32, ("T", BOX_DIM)),  # in crop pixels
     "lip_box": (np.float32, ("T", BOX_DIM)),
+    "eye_box": (np.float32, ("T", BOX_DIM)),  # both eyes, a band tall enough for open lids (dawn.face)
     "found": (np.uint8, ("T",)),  # 1 where a face was detected, else interpolated
 }
 

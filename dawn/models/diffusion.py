@@ -244,7 +244,7 @@ def classifier_free_guidance(denoise_cond: Denoiser, denoise_null: Denoiser,
 def diffusion_loss(schedule: CosineSchedule, denoise: Denoiser, x0: torch.Tensor,
                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                    lip_mask: torch.Tensor | None = None, w_lip: float = 1.0, fft_weight: float = 0.0,
-                   generator: torch.Generator | None = None, prediction: str = "eps") -> dict[str, torch.Tensor]:
+                   eye_mask: torch.Tensor | None = None, w_eye: float = 0.0, generator: torch.Generator | None = None, prediction: str = "eps") -> dict[str, torch.Tensor]:
     """Paper Eq. 7, L = L_simple + w_lip * (L_simple (x) m_lip), plus an optional temporal-FFT term.
 
     x0: clean target (B, C, T, H, W) (A2V: flow x, flow y, 2*occ-1). t: int64 (B,), uniform in
@@ -253,9 +253,10 @@ def diffusion_loss(schedule: CosineSchedule, denoise: Denoiser, x0: torch.Tensor
       eps_mse = mean(e)                        (L_simple, Eq. 2)
       lip_mse = mean(e * lip_mask)             (lip_mask (B, 1, T, H, W) in [0, 1], broadcast over C;
                                                 0 without a mask), so each lip element weighs 1 + w_lip
+      eye_mse = mean(e * eye_mask)             (the same over the eyes' boxes; w_eye = 0 is the paper's loss)
       fft     = mean |rFFT_T(clamp(x0_pred, -1, 1)[:, :2]) - rFFT_T(x0[:, :2])|   (reference term on
                 the flow channels, ARCHITECTURE.md §4.7; computed only if fft_weight > 0, else 0)
-      loss    = eps_mse + w_lip * lip_mse + fft_weight * fft.
+      loss    = eps_mse + w_lip * lip_mse + w_eye * eye_mse + fft_weight * fft.
     prediction="v": the network predicts v (`CosineSchedule.v_target`) and e is its squared error instead;
     the loss then reads v_mse + w_lip * lip_mse + fft_weight * fft, and eps_mse (of the eps the v
     implies) is still reported so that runs of both kinds compare.
@@ -277,14 +278,17 @@ def diffusion_loss(schedule: CosineSchedule, denoise: Denoiser, x0: torch.Tensor
     zero = sq_err.new_zeros(())
     eps_mse = ((eps_pred - noise.float()) ** 2).mean() if prediction == "v" else sq_err.mean()
     lip_mse = (sq_err * lip_mask.to(sq_err)).mean() if lip_mask is not None else zero
+    eye_mse = (sq_err * eye_mask.to(sq_err)).mean() if eye_mask is not None else zero
     fft = zero
     if fft_weight > 0:
         x0_pred = schedule.predict_x0(x_t.float(), t, eps_pred).clamp(-1.0, 1.0)
         spectrum_pred = torch.fft.rfft(x0_pred[:, :2], dim=2)
         spectrum_true = torch.fft.rfft(x0[:, :2].float(), dim=2)
         fft = (spectrum_pred - spectrum_true).abs().mean()
-    loss = sq_err.mean() + w_lip * lip_mse + fft_weight * fft
+    loss = sq_err.mean() + w_lip * lip_mse + w_eye * eye_mse + fft_weight * fft
     losses = {"loss": loss, "eps_mse": eps_mse, "lip_mse": lip_mse, "fft": fft}
+    if eye_mask is not None:
+        losses["eye_mse"] = eye_mse
     if prediction == "v":
         losses["v_mse"] = sq_err.mean()
     return losses

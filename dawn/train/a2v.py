@@ -7,7 +7,7 @@ Per batch of clips (B, 3, K, S, S) with a source frame (B, 3, S, S):
   condition (B, K, 1032) = [HuBERT, pose - source pose, eyes - source eyes]; each frame's condition is
             replaced by zeros with probability 0.1 (condition dropout, §4.7)
   loss      Eq. 7: L_simple + w_lip (L_simple ⊗ m_lip), w_lip = 1, m_lip the clip frames' lip boxes at
-            latent resolution (dawn.models.diffusion.diffusion_loss; optional temporal-FFT term of the
+            latent resolution (and, with the option w_eye > 0, the same kind of term over the eye boxes) (dawn.models.diffusion.diffusion_loss; optional temporal-FFT term of the
             reference with fft_weight, off by default since the paper does not use it). With the model
             option prediction="v" (`--model-overrides '{"prediction": "v"}'`) the network learns v instead
             of eps (same loss form on v); the demo uses it.
@@ -39,11 +39,14 @@ from dawn.train.objective import Objective, box_mask, image_grid, override_confi
 
 class A2VObjective(Objective):
     checkpoint_name = "a2v"
-    data_columns = ("frames", "hubert", "pose", "eyes", "face_box", "lip_box")
+    data_columns = ("frames", "hubert", "pose", "eyes", "face_box", "lip_box", "eye_box")
 
     @dataclass
     class Options:
         w_lip: float = 1.0  # Eq. 7 (A.2: w_lip = 1 in both stages)
+        # The same kind of term over the eyes' boxes (0 = off, the paper's loss): a blink moves a few latent
+        # cells for a few frames, which the clip-wide loss hardly weighs in a short run (dawn/demo.py).
+        w_eye: float = 0.0
         cond_dropout: float = 0.1  # per-frame probability of an all-zero condition
         fft_weight: float = 0.0  # reference's temporal-FFT term (0.15 there); not in the paper
         stage1_frames: int = A2V_STAGE1_FRAMES  # K'
@@ -99,10 +102,10 @@ class A2VObjective(Objective):
             cond = cond * keep[..., None]
         return cond
 
-    def lip_mask(self, lip_box: torch.Tensor, latent: int) -> torch.Tensor:
-        """lip_box (B, K, 6) -> (B, 1, K, L, L) 0/1 lip regions at latent resolution."""
-        b, k, _ = lip_box.shape
-        return box_mask(lip_box.reshape(b * k, 6), latent).view(b, k, latent, latent)[:, None]
+    def region_mask(self, box: torch.Tensor, latent: int) -> torch.Tensor:
+        """Per-frame boxes (B, K, 6) -> (B, 1, K, L, L) 0/1 regions at latent resolution."""
+        b, k, _ = box.shape
+        return box_mask(box.reshape(b * k, 6), latent).view(b, k, latent, latent)[:, None]
 
     def features(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
@@ -114,10 +117,12 @@ class A2VObjective(Objective):
         features = self.features(batch)
         generator = self.noise_generator()
         cond = self.condition(batch, self.options.cond_dropout, generator)
-        lip = self.lip_mask(batch["lip_box"], x0.shape[-1])
+        o, latent = self.options, x0.shape[-1]
+        lip = self.region_mask(batch["lip_box"], latent)
+        eyes = self.region_mask(batch["eye_box"], latent) if o.w_eye > 0 else None
         losses = diffusion_loss(self.schedule, lambda x_t, t: self.a2v(x_t, t, features, cond), x0,
-                                lip_mask=lip, w_lip=self.options.w_lip, fft_weight=self.options.fft_weight,
-                                generator=generator, prediction=self.a2v.config.prediction)
+                                lip_mask=lip, w_lip=o.w_lip, eye_mask=eyes, w_eye=o.w_eye,
+                                fft_weight=o.fft_weight, generator=generator, prediction=self.a2v.config.prediction)
         losses["clip_frames"] = torch.tensor(float(x0.shape[2]))
         return losses
 

@@ -55,7 +55,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     seed: int = 0
-    max_minutes: float | None = None  # time budget: stop cleanly with a final checkpoint + export
+    max_minutes: float | None = None  # training-time budget (from the first step, across restarts; start-up
+    # not counted): stop cleanly with a final checkpoint + export
     max_failures: int = 3  # worker-group restarts from the latest checkpoint
     # model inputs
     init_from: str | None = None  # dawn checkpoint dir: start from its <model> weights (A2V stage 2: stage 1)
@@ -218,7 +219,8 @@ def add_arguments(parser, model_flags: tuple[str, ...] = ()) -> None:
     add("--num-workers", type=int, default=defaults.num_workers, help="Ray Train workers (one GPU each with --use-gpu)")
     add("--use-gpu", action="store_true")
     add("--seed", type=int, default=defaults.seed)
-    add("--max-minutes", type=float, default=None, help="time budget; stops with a checkpoint and an export")
+    add("--max-minutes", type=float, default=None, help="training-time budget, counted from the first step (start-up "
+        "not included) and across restarts; stops with a checkpoint and an export")
     add("--max-failures", type=int, default=defaults.max_failures, help="worker-group restarts from the last checkpoint")
     add("--samples-per-row", type=int, default=defaults.samples_per_row, help="samples per shard segment and pass")
     add("--cache-rows", action="store_true",

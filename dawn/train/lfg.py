@@ -186,7 +186,7 @@ class RandomTPS:
 
 class LFGObjective(Objective):
     checkpoint_name = "lfg"
-    data_columns = ("frames", "lip_box")
+    data_columns = ("frames", "lip_box", "eye_box")
 
     @dataclass
     class Options:
@@ -207,6 +207,9 @@ class LFGObjective(Objective):
         # mouth is ~2 % of a face crop, so the frame-wide losses hardly weigh whether it opens; the demo's
         # minutes-long runs use it (dawn/demo.py).
         lip_weight: float = 0.0
+        # The same over the driving frame's eye box (0 = off): whether the lids close in a blink is a few
+        # pixels of the frame (dawn/demo.py).
+        eye_weight: float = 0.0
 
     def __init__(self, config: TrainConfig, device: torch.device):
         super().__init__(config, device)
@@ -236,8 +239,8 @@ class LFGObjective(Objective):
 
     def augment(self, source: torch.Tensor, driving: torch.Tensor, generator: torch.Generator | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Options.flip_probability / colour_jitter applied to each pair (B, 3, S, S), identically to both; a
-        (B, 1, S, S) mask of the driving frame, if given, is flipped with it. Returns (source, driving, mask)."""
+        """Options.flip_probability / colour_jitter applied to each pair (B, 3, S, S), identically to both;
+        masks of the driving frame (B, M, S, S), if given, are flipped with it. Returns (source, driving, mask)."""
         o = self.options
         b = source.shape[0]
         flip = (torch.rand(b, generator=generator) < o.flip_probability).to(source.device).view(b, 1, 1, 1)
@@ -250,19 +253,27 @@ class LFGObjective(Objective):
             mask = torch.where(flip, mask.flip(-1), mask)
         return transform(source), transform(driving), mask
 
-    def lip_mask(self, batch: dict) -> torch.Tensor | None:
-        """(B, 1, S, S) 0/1 mask of the driving frames' lip boxes, when Options.lip_weight asks for it."""
-        if self.options.lip_weight <= 0:
-            return None
-        if "driving_lip_box" not in batch:
-            raise DawnError("the LFG lip_weight option needs the shards' lip_box column")
-        size = batch["driving"].shape[-1]
-        return box_mask(batch["driving_lip_box"], size).to(batch["driving"])[:, None]
+    def region_masks(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{"lip" / "eye": (B, 1, S, S) 0/1 mask of the driving frames' boxes} for the regions whose weight
+        option (lip_weight, eye_weight) is on."""
+        masks = {}
+        for region, weight in (("lip", self.options.lip_weight), ("eye", self.options.eye_weight)):
+            if weight <= 0:
+                continue
+            if f"driving_{region}_box" not in batch:
+                raise DawnError(f"the LFG {region}_weight option needs the shards' {region}_box column")
+            size = batch["driving"].shape[-1]
+            masks[region] = box_mask(batch[f"driving_{region}_box"], size).to(batch["driving"])[:, None]
+        return masks
 
     def loss(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        source, driving, lips = batch["source"], batch["driving"], self.lip_mask(batch)
+        source, driving, masks = batch["source"], batch["driving"], self.region_masks(batch)
         if self.lfg.training:
-            source, driving, lips = self.augment(source, driving, self.noise_generator("cpu"), lips)
+            flip = self.noise_generator("cpu")
+            regions = list(masks)
+            stacked = torch.cat([masks[r] for r in regions], 1) if regions else None
+            source, driving, stacked = self.augment(source, driving, flip, stacked)
+            masks = {r: stacked[:, i:i + 1] for i, r in enumerate(regions)}
         out = self.lfg(source, driving)
         reconstruction = self.reconstruction(out["prediction"], driving)
         shift, affine = self.equivariance(driving, out["driving_regions"])
@@ -270,11 +281,11 @@ class LFGObjective(Objective):
         loss = reconstruction + o.equivariance_shift * shift + o.equivariance_affine * affine
         losses = {"loss": loss, "reconstruction": reconstruction, "equivariance_shift": shift,
                   "equivariance_affine": affine}
-        if lips is not None:
-            # mean |x_gen - x_dri| over the lip boxes' pixels (frames without a face have empty boxes)
-            error = ((out["prediction"] - driving).abs() * lips).sum() / (3 * lips.sum()).clamp_min(1)
-            losses["lip_l1"] = error
-            losses["loss"] = loss + o.lip_weight * error
+        for region, mask in masks.items():
+            # mean |x_gen - x_dri| over the boxes' pixels (frames without a face have empty boxes)
+            error = ((out["prediction"] - driving).abs() * mask).sum() / (3 * mask.sum()).clamp_min(1)
+            losses[f"{region}_l1"] = error
+            losses["loss"] = losses["loss"] + getattr(o, f"{region}_weight") * error
         return losses
 
     def equivariance(self, driving: torch.Tensor, regions: dict) -> tuple[torch.Tensor, torch.Tensor]:

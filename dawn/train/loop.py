@@ -107,11 +107,10 @@ def run_training(config: TrainConfig, address: str | None = None, num_cpus: int 
 
     dataset = (ray.data.read_parquet(files, shuffle="files").select_columns(_read_columns(array_columns))
                .filter(expr=col("split") == "train"))
-    deadline = time.time() + 60 * config.max_minutes if config.max_minutes else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "mlflow_run_id": run_id, "git_commit": git_commit,
-                           "deadline": deadline, "fault_at_step": _fault_at_step()},
+                           "fault_at_step": _fault_at_step()},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
         run_config=RunConfig(
             storage_path=config.storage_path, name=config.run_name,
@@ -283,7 +282,10 @@ def train_worker(loop_config: dict) -> None:
     rows = RowPasses(lambda: decode_rows(shard.iter_rows()), config.cache_rows, rng)
     feed = _BatchFeed(lambda: objective.batches(rows.next_pass(), rng), config.overfit_batches)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    deadline = loop_config.get("deadline")
+    # The time budget counts training time only: from this worker's first step, plus what the run trained
+    # before a restart (kept in the checkpoint), so start-up and restore never eat into it.
+    budget = 60 * config.max_minutes if config.max_minutes else None
+    trained_before, started = state.get("trained_seconds", 0.0), time.time()
     window = _MetricWindow()
     last_saved, last_metrics = step, {}
     objective.train(True)
@@ -291,7 +293,7 @@ def train_worker(loop_config: dict) -> None:
         _say(f"[{config.run_name}] {config.model} preset {config.preset}: step {step} -> {config.steps}, "
              f"{world} worker(s) x batch {config.batch_size} x accumulation {config.grad_accum}, device {device}")
     while step < config.steps:
-        stop = deadline is not None and time.time() > deadline
+        stop = budget is not None and trained_before + time.time() - started > budget
         batch = None
         for _ in range(config.grad_accum):
             batch, stop = feed.next(stop)
@@ -317,10 +319,11 @@ def train_worker(loop_config: dict) -> None:
         if config.sample_every and step % config.sample_every == 0 and (tracker or config.zero_stage == 3):
             _log_sample(objective, batch, autocast, tracker, step)
         if step % config.checkpoint_every == 0:
-            _save_and_report(engines, config, rank, step, rng, run_id, last_metrics)
+            _save_and_report(engines, config, rank, step, rng, run_id, last_metrics,
+                             trained_before + time.time() - started)
             last_saved = step
     if step != last_saved:
-        _save_and_report(engines, config, rank, step, rng, run_id, last_metrics)
+        _save_and_report(engines, config, rank, step, rng, run_id, last_metrics, trained_before + time.time() - started)
     _export(objective, engines, config, rank, step, run_id, loop_config.get("git_commit", "unknown"), tracker)
 
 
@@ -362,8 +365,9 @@ def _restore(engines: dict, rank: int, config: TrainConfig) -> dict:
 
 
 def _save_and_report(engines: dict, config: TrainConfig, rank: int, step: int, rng: np.random.Generator,
-                     run_id: str, metrics: dict) -> None:
-    """All ranks: DeepSpeed checkpoint + this rank's state into a temp folder, then ray.train.report."""
+                     run_id: str, metrics: dict, trained_seconds: float) -> None:
+    """All ranks: DeepSpeed checkpoint + this rank's state (step, data RNG, MLflow run, seconds trained so
+    far) into a temp folder, then ray.train.report."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -372,7 +376,8 @@ def _save_and_report(engines: dict, config: TrainConfig, rank: int, step: int, r
         for name, engine in engines.items():
             engine.save_checkpoint(str(directory / ENGINE_DIR / name), tag=ENGINE_TAG)
         (directory / STATE_DIR).mkdir()
-        state = {"step": step, "rng": rng.bit_generator.state, "mlflow_run_id": run_id}
+        state = {"step": step, "rng": rng.bit_generator.state, "mlflow_run_id": run_id,
+                 "trained_seconds": trained_seconds}
         (directory / STATE_DIR / f"rank{rank}.json").write_text(json.dumps(state))
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(str(directory)),
                          checkpoint_dir_name=f"step_{step:08d}")

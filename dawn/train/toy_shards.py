@@ -70,6 +70,8 @@ def toy_video(rng: np.random.Generator, frames: int, size: int, projection: np.n
                          centre_y + 0.8 * half, np.full(frames, size), np.full(frames, size)], 1)
     lip_box = np.stack([centre_x - 0.3 * half, centre_x + 0.3 * half, centre_y + 0.3 * half,
                         centre_y + 0.6 * half, np.full(frames, size), np.full(frames, size)], 1)
+    eye_box = np.stack([centre_x - 0.5 * half, centre_x + 0.5 * half, centre_y - 0.4 * half,
+                        centre_y - 0.2 * half, np.full(frames, size), np.full(frames, size)], 1)
     hubert = envelope[:, None] * projection[None] + 0.3 * rng.standard_normal((frames, HUBERT_DIM))
     t = np.arange(frames * SAMPLES_PER_FRAME) / SAMPLE_RATE
     audio = np.repeat(envelope, SAMPLES_PER_FRAME) * np.sin(2 * np.pi * 220 * t) * 0.3
@@ -78,7 +80,7 @@ def toy_video(rng: np.random.Generator, frames: int, size: int, projection: np.n
         "pose": np.stack([yaw, pitch, roll, 0.5 * scale, size / 2 + 0 * yaw, size / 2 + 0 * yaw], 1),
         "eyes": eyes, "mouth": (0.1 * envelope).astype(np.float32),
         "face_box": face_box.astype(np.float32), "lip_box": lip_box.astype(np.float32),
-        "found": np.ones(frames, np.uint8),
+        "eye_box": eye_box.astype(np.float32), "found": np.ones(frames, np.uint8),
     }
 
 

@@ -1,4 +1,4 @@
-"""`dawn demo` shortened (4 videos of 3 s, a 3-minute budget, 2 DDIM steps): every stage leaves its outputs
+"""`dawn demo` shortened (4 videos of 3 s, a 1-minute training budget, 2 DDIM steps): every stage leaves its outputs
 (shards, an MLflow run per training job, exported checkpoints, mp4s from the batch job and the Serve API, the
 metrics table), and a rerun skips every finished stage. The quality target is not checked here."""
 
@@ -19,7 +19,7 @@ TRAINING_RUNS = {"lfg": "lfg", "pbnet-pose": "pbnet_pose", "pbnet-blink": "pbnet
 
 def _demo(out: Path, timeout: int) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "dawn.cli", "demo", "--out", str(out), "--videos", "4", "--seconds", "3",
-               "--budget-minutes", "3", "--render-steps", "2", "--workers", "2"]
+               "--budget-minutes", "1", "--render-steps", "2", "--workers", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 

@@ -131,6 +131,29 @@ def test_pbnet_resumes_after_a_worker_dies(ray_local, workspace, monkeypatch, ca
     assert out.shape == (1, 30, 6) and torch.isfinite(out).all()
 
 
+def test_time_budget_counts_training_not_start_up(ray_local, workspace):
+    """A 3-second budget is shorter than starting Ray Train and the DeepSpeed engines: the run still trains
+    for about 3 s (counted from its first step), then stops with a checkpoint and an export."""
+    import json
+    import time
+    from pathlib import Path
+
+    from dawn.train.loop import STATE_DIR, run_training
+
+    config = tiny("pbnet_blink", workspace, steps=100_000, max_minutes=0.05, checkpoint_every=100_000,
+                  run_name="budget", export_dir=str(workspace["root"] / "budget"), objective_options={"window": 40})
+    started = time.time()
+    summary = run_training(config)
+    wall = time.time() - started
+    assert 1 <= summary["step"] < 100_000
+    state = json.loads((Path(summary["checkpoint"]) / STATE_DIR / "rank0.json").read_text())
+    assert 3.0 <= state["trained_seconds"] < wall  # the seconds trained are kept for a resume
+    assert wall - state["trained_seconds"] > 1.0  # start-up took time that the budget did not count
+    _, run = mlflow_run(summary)
+    assert "time budget of 0.05 min spent" in run.data.tags["dawn.last_event"]
+    assert (Path(summary["export_dir"]) / "pbnet_blink.safetensors").is_file()
+
+
 def test_a2v_stage1_trains_on_frozen_lfg_targets(a2v_stage1, lfg_run):
     assert_tracked(a2v_stage1, "a2v", "loss", "clip.png", ["a2v.json", "a2v.safetensors"])
     assert {v for _, v in history(a2v_stage1, "clip_frames")} == {20.0}  # K' = 20

@@ -222,6 +222,12 @@ def test_loss_follows_eq7(schedule):
         torch.testing.assert_close(out["lip_mse"], (sq_err * lip_mask).mean())
         # L = L_simple + w_lip (L_simple (x) m_lip): lip elements weigh 1 + w_lip
         torch.testing.assert_close(out["loss"], (sq_err * (1 + w_lip * lip_mask)).mean())
+    eye_mask = lip_mask.roll(1, dims=-1)  # another region, overlapping the first in part
+    both = diffusion_loss(schedule, denoise, x0, t=t, noise=noise, lip_mask=lip_mask, w_lip=2.0,
+                          eye_mask=eye_mask, w_eye=3.0)
+    torch.testing.assert_close(both["eye_mse"], (sq_err * eye_mask).mean())
+    torch.testing.assert_close(both["loss"], (sq_err * (1 + 2.0 * lip_mask + 3.0 * eye_mask)).mean())
+    assert "eye_mse" not in plain
     full = diffusion_loss(schedule, denoise, x0, t=t, noise=noise, lip_mask=torch.ones_like(lip_mask))
     torch.testing.assert_close(full["loss"], 2 * plain["loss"])
 

@@ -8,7 +8,7 @@ from PIL import Image
 from dawn import DawnError
 from dawn.face import (LEFT_EYE, NUM_LANDMARKS, RIGHT_EYE, analyze_portrait, analyze_video_frames, crop_and_resize,
                        crop_box, detect_face_landmarks, eye_ratios, eye_ratios_batch, face_box, head_pose,
-                       head_pose_batch, lip_box, load_image, mouth_opening, mouth_opening_batch)
+                       eye_box_batch, head_pose_batch, lip_box, load_image, mouth_opening, mouth_opening_batch)
 
 pytestmark = pytest.mark.filterwarnings("ignore:SymbolDatabase.GetPrototype")  # mediapipe + protobuf 4.25
 
@@ -67,6 +67,18 @@ def test_landmarks_on_the_astronaut(astronaut, points):
     assert points[LEFT_EYE["outer"], 0] > points[RIGHT_EYE["outer"], 0]
     lx0, lx1, ly0, ly1 = lip_box(points, astronaut.shape)[:4]
     assert x_min < lx0 < lx1 < x_max and points[LEFT_EYE["outer"], 1] < ly0 < ly1 < y_max
+    # the eye box spans both eyes' corners, lies above the lips and holds both open eyes' lids
+    ex0, ex1, ey0, ey1 = eye_box_batch(points[None], astronaut.shape)[0, :4]
+    corners = points[[RIGHT_EYE["outer"], LEFT_EYE["outer"]]]
+    assert ex0 <= corners[:, 0].min() and ex1 >= corners[:, 0].max() - 1 and ey1 < ly0
+    lids = points[[RIGHT_EYE["upper"], RIGHT_EYE["lower"], LEFT_EYE["upper"], LEFT_EYE["lower"]], 1]
+    assert ey0 < lids.min() and lids.max() < ey1
+    assert ey1 - ey0 == pytest.approx(0.25 * (ex1 - ex0), abs=2)
+    # closing the lids onto each other leaves the box where it was (it covers where the open eye was)
+    closed = points.copy()
+    for eye in (RIGHT_EYE, LEFT_EYE):
+        closed[[eye["upper"], eye["lower"]], 1] = points[[eye["upper"], eye["lower"]], 1].mean()
+    np.testing.assert_allclose(eye_box_batch(closed[None], astronaut.shape)[0, :4], [ex0, ex1, ey0, ey1], atol=1)
     assert detect_face_landmarks(np.zeros((256, 256, 3), np.uint8)) is None
 
 
@@ -226,7 +238,7 @@ def test_analyze_video_frames(astronaut, points):
     assert result["found"].tolist() == [True, True, True, True, False, True]
     shapes = {key: value.shape for key, value in result.items()}
     assert shapes == {"landmarks": (6, 478, 3), "pose": (6, 6), "eye_ratios": (6, 2), "mouth_opening": (6,),
-                      "face_box": (6, 6), "lip_box": (6, 6), "found": (6,)}
+                      "face_box": (6, 6), "lip_box": (6, 6), "eye_box": (6, 6), "found": (6,)}
     roll = result["pose"][:, 2]
     assert np.all(np.diff(roll[:4]) > 1.5) and roll[5] - roll[0] == pytest.approx(12, abs=2.5)
     np.testing.assert_array_equal(result["landmarks"][4], result["landmarks"][3])  # nearest frame with a face

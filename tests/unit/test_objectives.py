@@ -63,36 +63,44 @@ def test_lfg_augmentation_transforms_both_frames_of_a_pair_alike():
                                                * gain[:, :, None, None]).clamp(0, 1))  # same gain on both frames
 
 
-def test_lfg_lip_term_weighs_the_lip_box_and_flips_with_the_pair():
+def test_lfg_lip_and_eye_terms_weigh_their_boxes_and_flip_with_the_pair():
     from dawn.train.lfg import LFGObjective
 
     options = {"flip_probability": 0.0, "colour_jitter": 0.0}
     plain = LFGObjective(TrainConfig(model="lfg", data="unused", objective_options=options), torch.device("cpu"))
-    lips = LFGObjective(TrainConfig(model="lfg", data="unused", objective_options={**options, "lip_weight": 5.0}),
-                        torch.device("cpu"))
-    lips.lfg.load_state_dict(plain.lfg.state_dict())
+    regions = LFGObjective(TrainConfig(model="lfg", data="unused", objective_options={
+        **options, "lip_weight": 5.0, "eye_weight": 2.0}), torch.device("cpu"))
+    regions.lfg.load_state_dict(plain.lfg.state_dict())
     source = torch.rand(2, 3, 64, 64)
-    # the second box is all zeros (no face found in that frame): it adds nothing
-    boxes = torch.tensor([[20.0, 40.0, 40.0, 50.0, 64.0, 64.0], [0.0] * 6])
-    batch = {"source": source, "driving": source.roll(3, dims=2), "driving_lip_box": boxes}
-    for objective in (plain, lips):
+    # the second frame's boxes are all zeros (no face found in that frame): they add nothing
+    lip_boxes = torch.tensor([[20.0, 40.0, 40.0, 50.0, 64.0, 64.0], [0.0] * 6])
+    eye_boxes = torch.tensor([[10.0, 50.0, 20.0, 26.0, 64.0, 64.0], [0.0] * 6])
+    batch = {"source": source, "driving": source.roll(3, dims=2), "driving_lip_box": lip_boxes,
+             "driving_eye_box": eye_boxes}
+    for objective in (plain, regions):
         objective.lfg.train(False)  # no augmentation
     with torch.no_grad():
-        base, with_lips = plain.loss(batch, 0), lips.loss(batch, 0)
-        prediction = lips.lfg(batch["source"], batch["driving"])["prediction"]
-    expected = (prediction[0, :, 40:52, 20:42] - batch["driving"][0, :, 40:52, 20:42]).abs().mean()
-    torch.testing.assert_close(with_lips["lip_l1"], expected)
-    torch.testing.assert_close(with_lips["reconstruction"], base["reconstruction"])
-    rest = with_lips["reconstruction"] + 10 * (with_lips["equivariance_shift"] + with_lips["equivariance_affine"])
-    torch.testing.assert_close(with_lips["loss"], rest + 5.0 * expected)
-    assert "lip_l1" not in base
-    # a flipped pair flips its lip mask too
-    lips.options.flip_probability = 1.0
-    mask = lips.lip_mask(batch)
-    _, _, flipped = lips.augment(source, batch["driving"], mask=mask)
-    assert torch.equal(flipped, mask.flip(-1)) and flipped[0, 0, 45, 64 - 1 - 30] == 1
+        base, weighted = plain.loss(batch, 0), regions.loss(batch, 0)
+        prediction = regions.lfg(batch["source"], batch["driving"])["prediction"]
+    lips = (prediction[0, :, 40:52, 20:42] - batch["driving"][0, :, 40:52, 20:42]).abs().mean()
+    eyes = (prediction[0, :, 20:28, 10:52] - batch["driving"][0, :, 20:28, 10:52]).abs().mean()
+    torch.testing.assert_close(weighted["lip_l1"], lips)
+    torch.testing.assert_close(weighted["eye_l1"], eyes)
+    torch.testing.assert_close(weighted["reconstruction"], base["reconstruction"])
+    rest = weighted["reconstruction"] + 10 * (weighted["equivariance_shift"] + weighted["equivariance_affine"])
+    torch.testing.assert_close(weighted["loss"], rest + 5.0 * lips + 2.0 * eyes)
+    assert "lip_l1" not in base and "eye_l1" not in base
+    # a flipped pair flips its masks too: the training loss with flip probability 1 is the loss of the
+    # mirrored pair with mirrored boxes
+    regions.options.flip_probability = 1.0
+    masks = regions.region_masks(batch)
+    _, _, flipped = regions.augment(source, batch["driving"], mask=torch.cat([masks["lip"], masks["eye"]], 1))
+    assert torch.equal(flipped[:, :1], masks["lip"].flip(-1)) and flipped[0, 0, 45, 64 - 1 - 30] == 1
+    assert torch.equal(flipped[:, 1:], masks["eye"].flip(-1))
     with pytest.raises(DawnError, match="lip_box"):
-        lips.loss({"source": source, "driving": source}, 0)
+        regions.loss({"source": source, "driving": source}, 0)
+    with pytest.raises(DawnError, match="eye_box"):
+        regions.loss({"source": source, "driving": source, "driving_lip_box": lip_boxes}, 0)
 
 
 def test_vgg19_loads_a_torchvision_state_dict_and_rejects_others(tmp_path):
@@ -201,6 +209,29 @@ def test_a2v_loss_goes_down_on_lfg_targets(tiny_lfg_dir):
     assert all(np.isfinite(l["loss"]) for l in losses) and losses[-1]["loss"] < losses[0]["loss"]
     assert losses[0]["lip_mse"] > 0 and losses[0]["clip_frames"] == 20
     assert all(torch.equal(v, objective.lfg.state_dict()[k]) for k, v in lfg_before.items())  # frozen
+
+
+def test_a2v_eye_term_adds_the_eye_boxes_error(tiny_lfg_dir):
+    from dawn.train.a2v import A2VObjective
+
+    def objective(**options):
+        torch.manual_seed(0)  # the same initial weights
+        config = TrainConfig(model="a2v", data="unused", lfg=str(tiny_lfg_dir), batch_size=1, overfit_batches=1,
+                             objective_options=options)
+        return A2VObjective(config, torch.device("cpu"))
+
+    plain, eyes = objective(), objective(w_eye=5.0)
+    batch = next(iter(plain.batches(toy_rows(), np.random.default_rng(0))))
+    assert batch["eye_box"].shape == (1, 20, 6)
+    with torch.no_grad():
+        base, weighted = plain.loss(batch, 0), eyes.loss(batch, 0)  # the same noise: overfit_batches
+    assert "eye_mse" not in base and weighted["eye_mse"] > 0
+    torch.testing.assert_close(weighted["lip_mse"], base["lip_mse"])
+    torch.testing.assert_close(weighted["loss"], base["loss"] + 5.0 * weighted["eye_mse"])
+    # the term covers the eye boxes' latent cells only: moving the boxes changes it
+    moved = dict(batch, eye_box=batch["eye_box"] + torch.tensor([0.0, 0.0, 20.0, 20.0, 0.0, 0.0]))
+    with torch.no_grad():
+        assert not torch.isclose(eyes.loss(moved, 0)["eye_mse"], weighted["eye_mse"])
 
 
 def test_a2v_stage2_clips_and_condition_dropout(tiny_lfg_dir):

@@ -29,6 +29,7 @@ def make_segment(num_frames: int, video: int = 0, split: str = "train", segment:
         "mouth": t / 100,
         "face_box": np.tile(t[:, None], (1, 6)),
         "lip_box": np.tile(t[:, None] + 0.5, (1, 6)),
+        "eye_box": np.tile(t[:, None] + 0.25, (1, 6)),
         "found": np.ones(num_frames, np.uint8),
     }
 
@@ -47,7 +48,7 @@ def test_schema_round_trip_and_checks():
     row = encode_segment(seg)
     assert set(row) == set(SCHEMA.names)
     back = decode_row(row)
-    for name in ("frames", "audio", "pose", "eyes", "mouth", "face_box", "lip_box", "found"):
+    for name in ("frames", "audio", "pose", "eyes", "mouth", "face_box", "lip_box", "eye_box", "found"):
         np.testing.assert_array_equal(back[name], seg[name])
         assert back[name].shape == array_shape(name, 30, S)
     assert back["hubert"].dtype == np.float16
@@ -92,13 +93,15 @@ def test_lfg_pairs_come_from_one_segment():
     assert "driving_lip_box" not in next(readers.lfg_pairs(without, 4, np.random.default_rng(0)))
 
 
-def test_lfg_pairs_carry_the_driving_frames_lip_box():
+def test_lfg_pairs_carry_the_driving_frames_lip_and_eye_boxes():
     rows = [decoded(50, video=v) for v in range(2)]
     for row in rows:
         row["lip_box"] = np.arange(50, dtype=np.float32)[:, None].repeat(6, 1)  # the frame number
+        row["eye_box"] = row["lip_box"] + 100
     batch = next(readers.lfg_pairs(rows, batch_size=4, rng=np.random.default_rng(0), per_row=4))
     assert batch["driving_lip_box"].shape == (4, 6) and batch["driving_lip_box"].dtype == torch.float32
     torch.testing.assert_close(batch["driving_lip_box"][:, 0], frame_index(batch["driving"]).float())
+    torch.testing.assert_close(batch["driving_eye_box"][:, 0], frame_index(batch["driving"]).float() + 100)
 
 
 def test_pbnet_windows_crop_long_and_pad_short_segments():
