@@ -22,7 +22,8 @@ The first two rows say how much the measurement adds; the PBNet rows what the mo
 the render rows what A2V-FDM and the decoder make of it. Renders also get the lip-sync proxy (the mouth
 opening's correlation with the speech envelope, dawn.metrics.lipsync), since smoothing can blunt the mouth.
 Every row also gets its blink rate (dawn.metrics.motion.blinks_per_second of the eye-ratio track), which says
-at which step the blinks of the ground truth get lost.
+at which step the blinks of the ground truth get lost, and the pose's spread (std of yaw/pitch/roll over the
+truth's, the evaluation's pose_std_ratio).
 """
 
 import argparse
@@ -45,6 +46,13 @@ def _reconstruct(lfg, frames: np.ndarray, batch: int = 32) -> np.ndarray:
         out = torch.cat([lfg(images[:1].expand(len(chunk), -1, -1, -1), chunk)["prediction"]
                          for chunk in images.split(batch)])
     return (out.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _spread(pose: np.ndarray, truth: np.ndarray) -> float:
+    """std(pose) / std(truth) of yaw, pitch and roll, averaged (the evaluation's pose_std_ratio)."""
+    from dawn.metrics.motion import track_statistics
+
+    return float(np.mean(track_statistics(np.asarray(pose)[:, :3], np.asarray(truth)[:, :3])["std_ratio"]))
 
 
 def _jitter(pose: np.ndarray) -> float:
@@ -75,6 +83,7 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     sync: dict[str, list[float]] = {}
     blinks: dict[str, list[float]] = {}
+    spread: dict[str, list[float]] = {}
     videos = []
     for video in _test_videos(args.shards, args.max_frames):
         if len(videos) == args.max_videos:
@@ -100,6 +109,7 @@ def main() -> None:
                                   ("LFG reconstruction", reconstruction["pose"], reconstruction["eye_ratios"])):
             rows.setdefault(label, []).append(_jitter(pose))
             blinks.setdefault(label, []).append(_blinks(eyes))
+            spread.setdefault(label, []).append(_spread(pose, video["pose"]))
         for label, analysis in (("truth, measured", measured_truth), ("LFG reconstruction", reconstruction)):
             sync.setdefault(label, []).append(lip_sync_proxy(analysis["mouth_opening"], video["audio"])["correlation"])
         for name, motion in (("PBNet's pose", sampled), ("the true pose", truth_motion)):
@@ -110,6 +120,7 @@ def main() -> None:
                 analysis = analyze_frames(pipeline.decode_frames(portrait, smoothed))
                 rows.setdefault(label, []).append(_jitter(analysis["pose"]))
                 blinks.setdefault(label, []).append(_blinks(analysis["eye_ratios"]))
+                spread.setdefault(label, []).append(_spread(analysis["pose"], video["pose"]))
                 sync.setdefault(label, []).append(lip_sync_proxy(analysis["mouth_opening"], video["audio"])["correlation"])
 
     truth = np.mean(rows["truth, preprocessed"])
@@ -117,12 +128,12 @@ def main() -> None:
     print(f"motion jitter: {len(videos)} test videos of {args.shards} ({', '.join(videos)}), up to "
           f"{args.max_frames} frames, {args.steps} DDIM steps (eta 0), seed {args.seed}")
     print(f"{'head pose (yaw/pitch/roll)':<32} {'jitter deg/s^2':>14} {'/ truth':>8} {'/ truth measured':>17} "
-          f"{'lip-sync':>9} {'blinks/s':>9}")
+          f"{'lip-sync':>9} {'blinks/s':>9} {'spread':>7}")
     for label, values in rows.items():
         value = float(np.mean(values))
         lips = f"{np.mean(sync[label]):>9.2f}" if label in sync else f"{'':>9}"
         print(f"{label:<32} {value:>14.0f} {value / truth:>8.2f} {value / measured:>17.2f} {lips} "
-              f"{np.mean(blinks[label]):>9.2f}")
+              f"{np.mean(blinks[label]):>9.2f} {np.mean(spread[label]):>7.2f}")
 
 
 if __name__ == "__main__":

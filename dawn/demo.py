@@ -20,7 +20,7 @@ OUT/state/<stage>.json, so rerunning the same command skips what is done and con
 the stage; its traceback goes to OUT/logs/<stage>.txt.
 
 Time budget (--budget-minutes, default 40 on a 2-core CPU machine): each training run trains for its share of
-the budget (TRAINING[...]["share"], 72 % in total, counted from its first step; A2V-FDM gets most since it
+the budget (TRAINING[...]["share"], 78 % in total, counted from its first step; A2V-FDM gets most since it
 learns the audio-to-motion mapping the lip-sync proxy measures). Starting Ray Train and the DeepSpeed engines
 adds about 0.8 minutes per run (4 in all) and the other stages take about 5 minutes on such a machine (corpus,
 HuBERT and preprocessing ~1.3, renders ~2, Serve ~0.5, evaluation ~0.5), which leaves a few minutes of margin.
@@ -62,33 +62,33 @@ A2V_DEMO_OVERRIDES = {"prediction": "v", "motion_target": "offset", "heads": 2, 
 # ~5 % of the 16x16 motion latent, so with w_lip = 1 a few hundred steps learn the head's motion but hardly the
 # mouth's. Plain-torch runs of ~620 steps on the demo's shards, decoded with an LFG trained with its lip term
 # (below), the true head pose: lip-sync proxy of the held-out renders 0.23 (w_lip 1), 0.57 (10), 0.71 (40).
-# The eyes' box gets the same kind of term (w_eye = 40; the paper has none): a blink closes the lids for ~5
-# frames out of every ~100 in a few latent cells, and without it neither the LFG nor A2V-FDM reproduced a
-# single blink of the ground truth in the demo's minutes (bench/motion_jitter.py: 0 blinks/s in renders
-# driven by the true blink track, and in the LFG's own reconstructions of the held-out videos, against 0.25).
-A2V_DEMO_OPTIONS = {"w_lip": 40.0, "w_eye": 40.0}
+# The eye terms of both objectives (w_eye, eye_weight) stay off: with 40 on both, the LFG still reconstructed
+# no blink of the held-out videos (0 blinks/s against 0.25 in the truth, bench/motion_jitter.py) and the
+# held-out lip-sync proxy fell to 0.15 / 0.25 in that run.
+A2V_DEMO_OPTIONS = {"w_lip": 40.0}
 # The LFG trains without its flip / colour augmentation here: in 1100 plain-torch steps it did not improve the
 # reconstruction of the held-out identity and made those of training identities worse. Its lip term (an L1 over
 # the driving frame's lip box, weight 40) is what makes it render an opening mouth within minutes: in 1480
 # plain-torch steps it raised the lip-sync proxy of its held-out reconstructions from 0.53 to 0.85 (0.69 without
 # the term, 0.76 after 2270 steps), and from scratch it reached 0.82 in 1800 steps.
-# Its eye term (the same L1 over the driving frame's eye box, weight 40) is there for the blinks (above).
-LFG_DEMO_OPTIONS = {"flip_probability": 0.0, "colour_jitter": 0.0, "lip_weight": 40.0, "eye_weight": 40.0}
+LFG_DEMO_OPTIONS = {"flip_probability": 0.0, "colour_jitter": 0.0, "lip_weight": 40.0}
 # Training runs: share of the time budget (minutes of training, start-up not counted), optimizer steps per
 # minute of that share with 2 CPU workers on the tiny preset (a cap above the ~130 steps/min PBNet and ~100
 # the LFG make on an idle 2-core machine, so the time share decides), and the TrainConfig fields that differ
 # from the defaults: constant learning rates for these short runs. A2V-FDM, the slowest to learn, gets the
-# largest share, the LFG the next largest; each PBNet gets ~200 steps (with ~60, when start-up counted, their
-# reconstruction loss hardly moved and the KL term never started).
+# largest share, the LFG the next largest. PBNet blink gets ~200 steps (its reconstruction loss falls from
+# 0.04 to below 0.001 in ~200 steps; with the ~60 it got when start-up counted, it hardly moved and the KL term
+# never started); PBNet pose ~500, since the spread of its sampled poses keeps growing with the steps (0.17 of
+# the truth's after 240 steps, ~0.38 after 600, bench/RESULTS.md).
 TRAINING = {
-    "train-lfg": dict(model="lfg", share=0.27, steps_per_minute=160,
+    "train-lfg": dict(model="lfg", share=0.25, steps_per_minute=160,
                       config=dict(batch_size=8, lr=3e-4, lr_schedule="constant", warmup_steps=20,
                                   objective_options=LFG_DEMO_OPTIONS)),
-    "train-pbnet-pose": dict(model="pbnet_pose", share=0.04, steps_per_minute=200,
+    "train-pbnet-pose": dict(model="pbnet_pose", share=0.10, steps_per_minute=200,
                              config=dict(batch_size=8, lr=1e-3, lr_schedule="constant")),
     "train-pbnet-blink": dict(model="pbnet_blink", share=0.04, steps_per_minute=200,
                               config=dict(batch_size=8, lr=1e-3, lr_schedule="constant")),
-    "train-a2v-stage1": dict(model="a2v", stage=1, share=0.30, steps_per_minute=60,
+    "train-a2v-stage1": dict(model="a2v", stage=1, share=0.32, steps_per_minute=60,
                              config=dict(batch_size=4, lr=1e-3, lr_schedule="constant", warmup_steps=10,
                                          model_overrides=A2V_DEMO_OVERRIDES, objective_options=A2V_DEMO_OPTIONS)),
     "train-a2v-stage2": dict(model="a2v", stage=2, share=0.07, steps_per_minute=60,
@@ -362,6 +362,7 @@ class Demo:
             if spec["stage"] == 2:
                 extra["init_from"] = str(self.paths["exports"] / "a2v_stage1")
         export = self.paths["exports"] / (f"a2v_stage{spec['stage']}" if spec["model"] == "a2v" else spec["model"])
+        extra["samples_per_row"] = self._samples_per_row(spec["config"]["batch_size"])
         config = TrainConfig(
             model=spec["model"], data=str(self.paths["shards"]), preset=s.preset, stage=spec.get("stage", 1),
             storage_path=str(self.paths["runs"]), run_name=stage.removeprefix("train-"), mlflow_uri=self.mlflow_uri,
@@ -376,6 +377,20 @@ class Demo:
         summary = run_training(config)
         self.say(f"  {summary['run_name']}: {summary['step']} steps, exported to {summary['export_dir']}")
         return {key: summary[key] for key in ("run_name", "step", "export_dir", "mlflow_run_id", "checkpoint")}
+
+    def _samples_per_row(self, batch_size: int) -> int:
+        """Samples per segment and pass: the default, or enough that every worker's split (Ray gives each
+        worker the same number of segments, dropping the rest) fills at least one batch on a small corpus."""
+        from dawn.data.readers import read_index
+        from dawn.train.config import TrainConfig
+
+        index = read_index(self.paths["shards"])
+        segments = sum(index["videos"][v]["segments"] for v in index["splits"]["train"])
+        per_worker = segments // self.settings.workers
+        if per_worker == 0:
+            raise DawnError(f"{segments} training segment(s) for {self.settings.workers} workers: use more "
+                            "--videos or fewer --workers")
+        return max(TrainConfig.samples_per_row, math.ceil(batch_size / per_worker))
 
     def stage_train_lfg(self) -> dict:
         return self._train("train-lfg")
