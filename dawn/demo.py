@@ -72,6 +72,15 @@ A2V_DEMO_OPTIONS = {"w_lip": 40.0}
 # plain-torch steps it raised the lip-sync proxy of its held-out reconstructions from 0.53 to 0.85 (0.69 without
 # the term, 0.76 after 2270 steps), and from scratch it reached 0.82 in 1800 steps.
 LFG_DEMO_OPTIONS = {"flip_probability": 0.0, "colour_jitter": 0.0, "lip_weight": 40.0}
+# PBNet pose draws its per-frame latents correlated over time (PBNetConfig.latent_smoothing, a Gaussian of 8 frames;
+# the paper's prior is independent per frame). The synthetic heads move by slow random sinusoids that the audio
+# does not predict, so PBNet's motion comes from the latent; its decoder, briefly trained, turns independent
+# latents into frame-to-frame jumps, correlated ones into smooth motion (plain-torch runs on the demo's shards,
+# 2 held-out videos, 3 samples each, spread = std of the sampled yaw/pitch/roll over the truth's, jitter over the
+# truth's: 100 steps 0.30 / 1.39x with independent latents, 0.50 / 0.73x with sigma 8; 500 steps 0.12 / 0.60x and
+# 0.22 / 0.14x, bench/RESULTS.md). Its learning rate is 3e-4: at 1e-3 the GAN term diverged after ~800 steps
+# (reconstruction loss 0.001 -> 0.45, discriminator loss -> 0.001).
+PBNET_POSE_DEMO_OVERRIDES = {"latent_smoothing": 8.0}
 # Training runs: share of the time budget (minutes of training, start-up not counted), optimizer steps per
 # minute of that share with 2 CPU workers on the tiny preset (a cap above the ~130 steps/min PBNet and ~100
 # the LFG make on an idle 2-core machine, so the time share decides), and the TrainConfig fields that differ
@@ -85,7 +94,8 @@ TRAINING = {
                       config=dict(batch_size=8, lr=3e-4, lr_schedule="constant", warmup_steps=20,
                                   objective_options=LFG_DEMO_OPTIONS)),
     "train-pbnet-pose": dict(model="pbnet_pose", share=0.10, steps_per_minute=200,
-                             config=dict(batch_size=8, lr=1e-3, lr_schedule="constant")),
+                             config=dict(batch_size=8, lr=3e-4, lr_schedule="constant",
+                                         model_overrides=PBNET_POSE_DEMO_OVERRIDES)),
     "train-pbnet-blink": dict(model="pbnet_blink", share=0.04, steps_per_minute=200,
                               config=dict(batch_size=8, lr=1e-3, lr_schedule="constant")),
     "train-a2v-stage1": dict(model="a2v", stage=1, share=0.32, steps_per_minute=60,
@@ -587,6 +597,11 @@ class Demo:
             "mouth_corr_gt_held_out": _mean_of(held_out, "mouth_corr_gt"),
             "identity_mean": result.mean["identity"], "identity_other_person": contrast,
             "identity_held_out_portrait": _mean_of(held_out + [table["unseen-speech"]], "identity"),
+            # natural motion of the held-out renders against their ground truth
+            "blink_per_s_held_out": _mean_of(held_out, "blink_per_s"),
+            "blink_per_s_ground_truth": _mean_of(held_out, "blink_per_s_gt"),
+            "pose_spread_held_out": _mean_of(held_out, "pose_std_ratio"),
+            "pose_jitter_ratio_held_out": _mean_of(held_out, "pose_jitter_ratio"),
         }
         if "serve-unseen-speech" in renders:
             out["serve_vs_batch_mean_abs_diff"] = _mean_abs_difference(renders["serve-unseen-speech"],
@@ -701,7 +716,9 @@ class Demo:
                                                        "mouth_corr_gt_held_out", "identity_mean",
                                                        "identity_held_out_portrait",
                                                        "identity_other_person", "serve_vs_batch_mean_abs_diff",
-                                                       "lipsync_unseen_speech_serve")},
+                                                       "lipsync_unseen_speech_serve", "blink_per_s_held_out",
+                                                       "blink_per_s_ground_truth", "pose_spread_held_out",
+                                                       "pose_jitter_ratio_held_out")},
             "training_losses": evaluation.get("training_losses", {}),
             "metrics_table": evaluation.get("metrics_markdown"),
             "mlflow": {"tracking_uri": self.mlflow_uri, "experiment": EXPERIMENT,
@@ -734,6 +751,10 @@ class Demo:
             f"{fmt(m['identity_held_out_portrait'])}, all renders {fmt(m['identity_mean'])} "
             f"(held-out renders to another person: {fmt(m['identity_other_person'])})",
         ]
+        lines.append(f"Head motion and blinks of the held-out renders: blinks/s {fmt(m['blink_per_s_held_out'])} "
+                     f"(ground truth {fmt(m['blink_per_s_ground_truth'])}), pose spread "
+                     f"{fmt(m['pose_spread_held_out'])} of the truth's, jitter {fmt(m['pose_jitter_ratio_held_out'])}x "
+                     f"the truth's")
         if m["serve_vs_batch_mean_abs_diff"] is not None:
             lines.append(f"Serve vs batch render of the same pair: mean abs pixel difference "
                          f"{m['serve_vs_batch_mean_abs_diff']:.3f}, lip-sync proxy "

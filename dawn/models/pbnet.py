@@ -79,6 +79,11 @@ class PBNetConfig:
     rotary_freqs: tuple[float, ...] = (1.0, 0.01)
     inference_window: int | None = 200  # eval-mode local attention: frame i sees |j - i| <= window
     attention_block: int | None = None  # query block of the windowed attention (None: the window)
+    # `generate` draws the latent h_{1:T} from N(0, I) per frame (Eq. 9). With latent_smoothing = sigma > 0 the
+    # draws are correlated over time instead: white noise filtered by a Gaussian of sigma frames and divided by
+    # the kernel's L2 norm, so each frame's latent is still N(0, I) but neighbouring frames are alike, as the
+    # posterior latents of smooth training sequences are. 0 = the paper's independent draws.
+    latent_smoothing: float = 0.0
 
     @property
     def state_dim(self) -> int:
@@ -312,16 +317,34 @@ class PBNet(nn.Module):
                  z: torch.Tensor | None = None) -> torch.Tensor:
         """Absolute sequence (B, T, D) in raw units from source_state (B, D) raw units and audio (B, T, 1024).
 
-        The latent z (B, T, A) is drawn from N(0, I) with `generator` unless given. The decoder runs with
-        the inference window; call .eval() first to switch dropout off.
+        The latent z (B, T, A) is drawn from the prior with `generator` unless given (`prior_latents` with
+        config.latent_smoothing). The decoder runs with the inference window; call .eval() first to switch
+        dropout off.
         """
         b, t, _ = audio.shape
         if z is None:
-            z = torch.randn(b, t, self.config.audio_latent_dim, generator=generator, device=audio.device,
-                            dtype=audio.dtype)
+            z = prior_latents(b, t, self.config.audio_latent_dim, self.config.latent_smoothing, generator,
+                              audio.device).to(audio.dtype)
         x0 = self.to_model_units(source_state)
         delta = self.decode(x0, z, audio, window=self.config.inference_window)
         return self.to_raw_units(x0[:, None] + delta)
+
+
+def prior_latents(batch: int, frames: int, dim: int, sigma: float = 0.0, generator: torch.Generator | None = None,
+                  device=None) -> torch.Tensor:
+    """Latents h (batch, frames, dim) from the prior N(0, I) of every frame: independent per frame (sigma 0, Eq. 9),
+    or white noise filtered over time by a Gaussian of sigma frames and divided by the kernel's L2 norm (each
+    frame still N(0, I), neighbouring frames alike). The noise runs 4 sigma past both ends, so the first and last
+    frames are filtered like the others."""
+    if sigma <= 0:
+        return torch.randn(batch, frames, dim, generator=generator, device=device)
+    radius = int(math.ceil(4 * sigma))
+    noise = torch.randn(batch, frames + 2 * radius, dim, generator=generator, device=device)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=noise.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.norm()
+    filtered = F.conv1d(noise.transpose(1, 2).reshape(batch * dim, 1, -1), kernel.view(1, 1, -1))
+    return filtered.view(batch, dim, frames).transpose(1, 2)
 
 
 @dataclass

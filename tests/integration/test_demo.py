@@ -100,7 +100,10 @@ def test_metrics_table(demo):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics_table"] == str(out / "evaluation" / "metrics.md")
     assert "Lip-sync proxy" in stdout and "mlflow ui --backend-store-uri" in stdout
-    for key in ("lipsync_held_out", "lipsync_held_out_speech_training_portraits", "identity_held_out_portrait"):
+    assert "Head motion and blinks of the held-out renders" in stdout
+    for key in ("lipsync_held_out", "lipsync_held_out_speech_training_portraits", "identity_held_out_portrait",
+                "blink_per_s_held_out", "blink_per_s_ground_truth", "pose_spread_held_out",
+                "pose_jitter_ratio_held_out"):
         assert summary["metrics"][key] is not None, key
 
 

@@ -15,6 +15,7 @@ from dawn.models.pbnet import (
     PatchDiscriminatorConfig,
     PBNet,
     PBNetConfig,
+    prior_latents,
     to_model_units,
     to_raw_units,
 )
@@ -165,6 +166,32 @@ def test_generate_denormalisation_round_trip():
     again = model.generate(raw, audio, generator=torch.Generator().manual_seed(3))
     other = model.generate(raw, audio, generator=torch.Generator().manual_seed(4))
     assert torch.equal(first, again) and max_err(first, other) > 1e-3
+
+
+def test_prior_latents_independent_by_default_and_correlated_with_smoothing():
+    # sigma 0 is the paper's prior: exactly torch.randn's draws, no correlation between frames
+    plain = prior_latents(2, 50, 8, 0.0, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.randn(2, 50, 8, generator=torch.Generator().manual_seed(3)))
+    # smoothed: every frame still has unit variance (first and last included); the lag-d correlation of
+    # Gaussian-filtered white noise is exp(-d^2 / (4 sigma^2))
+    sigma = 3.0
+    z = prior_latents(4000, 40, 4, sigma, torch.Generator().manual_seed(0)).double()
+    per_frame_var = z.var(dim=(0, 2))
+    assert per_frame_var.shape == (40,) and torch.allclose(per_frame_var, torch.ones(40, dtype=torch.double),
+                                                           atol=0.05)
+    for lag in (1, 3, 6):
+        measured = (z[:, lag:] * z[:, :-lag]).mean().item()
+        assert abs(measured - math.exp(-lag**2 / (4 * sigma**2))) < 0.03, lag
+    assert (z[:, 1:] * z[:, :-1]).mean() > 0.9 > (plain[:, 1:] * plain[:, :-1]).mean().abs()
+    # a model with latent_smoothing draws its latents that way: the same seed gives the same sequence
+    model = PBNet(PBNetConfig.preset("tiny-pose", kind="pose")).eval()
+    model.config.latent_smoothing = 2.0
+    audio, source = torch.randn(1, 30, 1024), torch.tensor([[1.0, 2.0, -1.0, 1.0, 0.0, 0.0]])
+    first = model.generate(source, audio, generator=torch.Generator().manual_seed(5))
+    again = model.generate(source, audio, generator=torch.Generator().manual_seed(5))
+    given = model.generate(source, audio, z=prior_latents(1, 30, model.config.audio_latent_dim, 2.0,
+                                                        torch.Generator().manual_seed(5)))
+    assert torch.equal(first, again) and torch.allclose(first, given)
 
 
 def test_discriminator_output_shape_and_gradients():
