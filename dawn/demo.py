@@ -21,11 +21,11 @@ the stage; its traceback goes to OUT/logs/<stage>.txt.
 
 Time budget (--budget-minutes, default 40 on a 2-core CPU machine): each training run trains for its share of
 the budget (TRAINING[...]["share"], 78 % in total, counted from its first step; A2V-FDM gets most since it
-learns the audio-to-motion mapping the lip-sync proxy measures). Starting Ray Train and the DeepSpeed engines
-adds about 0.8 minutes per run (4 in all) and the other stages take about 5 minutes on such a machine (corpus,
-HuBERT and preprocessing ~1.3, renders ~2, Serve ~0.5, evaluation ~0.5), which leaves a few minutes of margin.
-`steps` is the share times the throughput of 2 CPU workers, so on a faster machine the runs finish their
-schedule before the budget.
+learns the audio-to-motion mapping the lip-sync proxy measures), less what earlier stages overran
+(`training_minutes`): starting Ray Train and the DeepSpeed engines and exporting add 0.5-1.5 minutes per run
+(5 in all), corpus, HuBERT and preprocessing take ~2 minutes before training, renders, Serve and evaluation ~4
+after it. `steps` is the training time times the throughput of 2 CPU workers, so on a faster machine the runs
+finish their schedule before the budget.
 """
 
 from __future__ import annotations
@@ -105,6 +105,13 @@ TRAINING = {
                              config=dict(batch_size=2, lr=3e-4, lr_schedule="constant",
                                          model_overrides=A2V_DEMO_OVERRIDES, objective_options=A2V_DEMO_OPTIONS)),
 }
+# What the budget holds besides training time, on a 2-core machine: each run's start-up and export (Ray Train,
+# the DeepSpeed engines; 0.5-1.5 minutes each in a demo run) and the stages after training (checkpoints, inputs,
+# batch render, Serve, evaluation: 3.9 minutes). Each run's training time is its share of what is left of the
+# budget once these are set aside (`training_minutes`), so time lost on a slower machine is made up by the
+# later runs and the demo still ends within the budget.
+RUN_OVERHEAD_MINUTES = 0.75
+FINISH_MINUTES = 4.5
 CHECKPOINT_EVERY_MINUTES = 2.0  # a Ray Train checkpoint about this often (what an interrupted run resumes)
 MAX_HELD_OUT_RENDERS = 2  # held-out videos rendered (and scored); each is --seconds long
 UNSEEN_SENTENCE = ("Good evening. This sentence was never spoken in the training videos, so the mouth has to "
@@ -199,6 +206,20 @@ def held_out_fraction(identities: list[str], seed: int) -> float:
             return fraction
         low, high = (fraction, high) if held_out == 0 else (low, fraction)
     raise DawnError("could not find a split that holds out exactly one identity")
+
+
+def training_minutes(stage: str, budget_minutes: float, elapsed_minutes: float) -> float:
+    """Training time of a run started `elapsed_minutes` into the demo: the time still left in the budget, less
+    RUN_OVERHEAD_MINUTES for this and every later run and FINISH_MINUTES for the stages after training, split
+    over this and the later runs by their shares; at most its planned share x budget, at least half of that
+    (for budgets too small to hold the fixed costs)."""
+    stages = list(TRAINING)
+    later = stages[stages.index(stage):]
+    share = TRAINING[stage]["share"]
+    planned = share * budget_minutes
+    left = budget_minutes - elapsed_minutes - FINISH_MINUTES - RUN_OVERHEAD_MINUTES * len(later)
+    fair = left * share / sum(TRAINING[name]["share"] for name in later)
+    return min(planned, max(0.5 * planned, fair))
 
 
 def free_port() -> int:
@@ -364,7 +385,7 @@ class Demo:
         from dawn.train.loop import run_training
 
         s, spec = self.settings, TRAINING[stage]
-        minutes = spec["share"] * s.budget_minutes
+        minutes = training_minutes(stage, s.budget_minutes, (time.monotonic() - self.started) / 60)
         steps = max(1, math.ceil(minutes * spec["steps_per_minute"]))
         extra = {}
         if spec["model"] == "a2v":
