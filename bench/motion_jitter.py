@@ -9,7 +9,8 @@ roll (deg/s^2; dawn.metrics.motion.jitter), averaged over the three angles and t
 
   truth, preprocessed        the shards' pose track (what PBNet trains on)
   truth, measured            the ground-truth frames measured like a render is (mediapipe on the crop)
-  PBNet, latent ~ N(0, I)    PBNet's pose sequence as renders use it (a latent drawn per frame)
+  PBNet, latents from prior  PBNet's pose sequence as renders use it (latents drawn from its prior, correlated
+                             over time when the checkpoint's latent_smoothing is set)
   PBNet, latent 0            the same with every frame's latent at the prior's mean
   LFG reconstruction         the LFG's reconstruction of each true frame from the first (no A2V-FDM),
                              measured: what the decoder can show at best
@@ -104,7 +105,7 @@ def main() -> None:
         reconstruction = analyze_frames(_reconstruct(pipeline.lfg, video["frames"]))
         for label, pose, eyes in (("truth, preprocessed", video["pose"], video["eyes"]),
                                   ("truth, measured", measured_truth["pose"], measured_truth["eye_ratios"]),
-                                  ("PBNet, latent ~ N(0, I)", sampled.pose, sampled.eyes),
+                                  ("PBNet, latents from prior", sampled.pose, sampled.eyes),
                                   ("PBNet, latent 0", mean_pose, mean_eyes),
                                   ("LFG reconstruction", reconstruction["pose"], reconstruction["eye_ratios"])):
             rows.setdefault(label, []).append(_jitter(pose))

@@ -64,7 +64,8 @@ A2V_DEMO_OVERRIDES = {"prediction": "v", "motion_target": "offset", "heads": 2, 
 # (below), the true head pose: lip-sync proxy of the held-out renders 0.23 (w_lip 1), 0.57 (10), 0.71 (40).
 # The eye terms of both objectives (w_eye, eye_weight) stay off: with 40 on both, the LFG still reconstructed
 # no blink of the held-out videos (0 blinks/s against 0.25 in the truth, bench/motion_jitter.py) and the
-# held-out lip-sync proxy fell to 0.15 / 0.25 in that run.
+# held-out lip-sync proxy fell to 0.15 / 0.25 in that run; nor did plain-torch LFG runs with a 32 px region view
+# or half their driving frames in blinks (bench/RESULTS.md, "LFG: blinks at 64 px").
 A2V_DEMO_OPTIONS = {"w_lip": 40.0}
 # The LFG trains without its flip / colour augmentation here: in 1100 plain-torch steps it did not improve the
 # reconstruction of the held-out identity and made those of training identities worse. Its lip term (an L1 over
@@ -74,21 +75,20 @@ A2V_DEMO_OPTIONS = {"w_lip": 40.0}
 LFG_DEMO_OPTIONS = {"flip_probability": 0.0, "colour_jitter": 0.0, "lip_weight": 40.0}
 # PBNet pose draws its per-frame latents correlated over time (PBNetConfig.latent_smoothing, a Gaussian of 8 frames;
 # the paper's prior is independent per frame). The synthetic heads move by slow random sinusoids that the audio
-# does not predict, so PBNet's motion comes from the latent; its decoder, briefly trained, turns independent
-# latents into frame-to-frame jumps, correlated ones into smooth motion (plain-torch runs on the demo's shards,
-# 2 held-out videos, 3 samples each, spread = std of the sampled yaw/pitch/roll over the truth's, jitter over the
-# truth's: 100 steps 0.30 / 1.39x with independent latents, 0.50 / 0.73x with sigma 8; 500 steps 0.12 / 0.60x and
-# 0.22 / 0.14x, bench/RESULTS.md). Its learning rate is 3e-4: at 1e-3 the GAN term diverged after ~800 steps
-# (reconstruction loss 0.001 -> 0.45, discriminator loss -> 0.001).
+# does not predict, so PBNet's motion comes from the latent; its briefly trained decoder turns independent
+# latents into frame-to-frame jumps and correlated ones into smooth motion (bench/pbnet_spread.py on the demo's
+# shards: spread = std of the sampled yaw/pitch/roll over the truth's, jitter over the truth's; after 100 steps
+# 0.35 / 1.8x with independent latents, 0.48 / 0.63x with sigma 8; after 600 steps 0.12 / 0.64x and 0.20 / 0.14x).
+# Its learning rate is 3e-4: at 1e-3 the GAN term diverged after ~800 steps (reconstruction loss 0.001 -> 0.45).
 PBNET_POSE_DEMO_OVERRIDES = {"latent_smoothing": 8.0}
 # Training runs: share of the time budget (minutes of training, start-up not counted), optimizer steps per
 # minute of that share with 2 CPU workers on the tiny preset (a cap above the ~130 steps/min PBNet and ~100
 # the LFG make on an idle 2-core machine, so the time share decides), and the TrainConfig fields that differ
 # from the defaults: constant learning rates for these short runs. A2V-FDM, the slowest to learn, gets the
-# largest share, the LFG the next largest. PBNet blink gets ~200 steps (its reconstruction loss falls from
-# 0.04 to below 0.001 in ~200 steps; with the ~60 it got when start-up counted, it hardly moved and the KL term
-# never started); PBNet pose ~500, since the spread of its sampled poses keeps growing with the steps (0.17 of
-# the truth's after 240 steps, ~0.38 after 600, bench/RESULTS.md).
+# largest share, the LFG the next largest. PBNet blink gets ~150-200 steps (its reconstruction loss falls from
+# 0.04 to below 0.004 in ~150 steps; with the ~60 it got when start-up counted, it hardly moved and the KL term
+# never started); PBNet pose ~450, where its reconstruction loss has fallen from 0.014 to below 0.001 (more steps
+# make its samples move less, not more: bench/RESULTS.md, pbnet_spread).
 TRAINING = {
     "train-lfg": dict(model="lfg", share=0.25, steps_per_minute=160,
                       config=dict(batch_size=8, lr=3e-4, lr_schedule="constant", warmup_steps=20,
