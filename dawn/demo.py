@@ -81,6 +81,12 @@ LFG_DEMO_OPTIONS = {"flip_probability": 0.0, "colour_jitter": 0.0, "lip_weight":
 # 0.35 / 1.8x with independent latents, 0.48 / 0.63x with sigma 8; after 600 steps 0.12 / 0.64x and 0.20 / 0.14x).
 # Its learning rate is 3e-4: at 1e-3 the GAN term diverged after ~800 steps (reconstruction loss 0.001 -> 0.45).
 PBNET_POSE_DEMO_OVERRIDES = {"latent_smoothing": 8.0}
+# After its last step PBNet pose's prior scale is fitted to its training windows (the objective's
+# fit_latent_scale, PBNetConfig.latent_scale): trained for minutes, its posterior has not met N(0, I) and its
+# samples move less the longer it trains (spread 0.35 -> 0.12 from 100 to 600 steps); the decoder's motion grows
+# about linearly with the latent's scale, so a fitted scale of 2-5 gives samples that move like the training
+# sequences (bench/pbnet_spread.py: held-out spread 0.81-0.88 at 150-600 steps, jitter 0.2-0.5x the truth's).
+PBNET_POSE_DEMO_OPTIONS = {"fit_latent_scale": True}
 # Training runs: share of the time budget (minutes of training, start-up not counted), optimizer steps per
 # minute of that share with 2 CPU workers on the tiny preset (a cap above the ~130 steps/min PBNet and ~100
 # the LFG make on an idle 2-core machine, so the time share decides), and the TrainConfig fields that differ
@@ -95,7 +101,8 @@ TRAINING = {
                                   objective_options=LFG_DEMO_OPTIONS)),
     "train-pbnet-pose": dict(model="pbnet_pose", share=0.10, steps_per_minute=200,
                              config=dict(batch_size=8, lr=3e-4, lr_schedule="constant",
-                                         model_overrides=PBNET_POSE_DEMO_OVERRIDES)),
+                                         model_overrides=PBNET_POSE_DEMO_OVERRIDES,
+                                         objective_options=PBNET_POSE_DEMO_OPTIONS)),
     "train-pbnet-blink": dict(model="pbnet_blink", share=0.04, steps_per_minute=200,
                               config=dict(batch_size=8, lr=1e-3, lr_schedule="constant")),
     "train-a2v-stage1": dict(model="a2v", stage=1, share=0.32, steps_per_minute=60,

@@ -84,6 +84,10 @@ class PBNetConfig:
     # the kernel's L2 norm, so each frame's latent is still N(0, I) but neighbouring frames are alike, as the
     # posterior latents of smooth training sequences are. 0 = the paper's independent draws.
     latent_smoothing: float = 0.0
+    # `generate` draws h from N(0, latent_scale^2 I) instead (1 = the paper's prior). A briefly trained PBNet
+    # decodes its prior's latents into less motion than its training sequences have (its posterior has not yet
+    # met the prior); the PBNet objective's `fit_latent_scale` option sets this scale from the training data.
+    latent_scale: float = 1.0
 
     @property
     def state_dim(self) -> int:
@@ -318,13 +322,14 @@ class PBNet(nn.Module):
         """Absolute sequence (B, T, D) in raw units from source_state (B, D) raw units and audio (B, T, 1024).
 
         The latent z (B, T, A) is drawn from the prior with `generator` unless given (`prior_latents` with
-        config.latent_smoothing). The decoder runs with the inference window; call .eval() first to switch
-        dropout off.
+        config.latent_smoothing, times config.latent_scale). The decoder runs with the inference window; call
+        .eval() first to switch dropout off.
         """
         b, t, _ = audio.shape
         if z is None:
-            z = prior_latents(b, t, self.config.audio_latent_dim, self.config.latent_smoothing, generator,
-                              audio.device).to(audio.dtype)
+            z = self.config.latent_scale * prior_latents(b, t, self.config.audio_latent_dim,
+                                                         self.config.latent_smoothing, generator, audio.device)
+            z = z.to(audio.dtype)
         x0 = self.to_model_units(source_state)
         delta = self.decode(x0, z, audio, window=self.config.inference_window)
         return self.to_raw_units(x0[:, None] + delta)

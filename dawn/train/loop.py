@@ -324,7 +324,10 @@ def train_worker(loop_config: dict) -> None:
             last_saved = step
     if step != last_saved:
         _save_and_report(engines, config, rank, step, rng, run_id, last_metrics, trained_before + time.time() - started)
-    _export(objective, engines, config, rank, step, run_id, loop_config.get("git_commit", "unknown"), tracker)
+    # every rank draws the same number of batches (the feed agrees on passes), rank 0 fits with them
+    fit_batches = [objective.to_device(feed.next()[0]) for _ in range(objective.fit_batches)]
+    _export(objective, engines, config, rank, step, run_id, loop_config.get("git_commit", "unknown"), tracker,
+            fit_batches)
 
 
 def _build_engines(objective, config: TrainConfig, ds_config: dict) -> dict:
@@ -386,8 +389,9 @@ def _save_and_report(engines: dict, config: TrainConfig, rank: int, step: int, r
 
 
 def _export(objective, engines: dict, config: TrainConfig, rank: int, step: int, run_id: str, git_commit: str,
-            tracker) -> None:
-    """Rank 0 writes the dawn checkpoint into export_dir and logs it to MLflow (ZeRO-3: gathered first)."""
+            tracker, fit_batches: list[dict]) -> None:
+    """Rank 0 fits what the objective fits to data (`fit_to_data`), writes the dawn checkpoint into export_dir
+    and logs both to MLflow (ZeRO-3: gathered first)."""
     import deepspeed
 
     modules = list(objective.trainable.values())
@@ -397,6 +401,12 @@ def _export(objective, engines: dict, config: TrainConfig, rank: int, step: int,
         if rank != 0:
             return
         objective.train(False)
+        fitted = objective.fit_to_data(fit_batches) if fit_batches else {}
+        if fitted:
+            _say(f"[{config.run_name}] fitted to {len(fit_batches)} training batches: "
+                 + " ".join(f"{k} {v:.4g}" for k, v in fitted.items()))
+            if tracker:
+                tracker.log(fitted, step)
         extra = {"preset": config.preset, "training": {
             "run_name": config.run_name, "step": step, "stage": config.stage, "mlflow_run_id": run_id,
             "git_commit": git_commit, "data": config.data}}

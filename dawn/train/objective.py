@@ -34,6 +34,7 @@ class Objective:
         pass
 
     checkpoint_name: str  # name of the exported dawn checkpoint (lfg, pbnet_pose, pbnet_blink, a2v)
+    fit_batches: int = 0  # training batches `fit_to_data` sees after the last step (0: nothing is fitted)
     data_columns: tuple[str, ...]  # array columns of the shards this objective reads
 
     def __init__(self, config: TrainConfig, device: torch.device):
@@ -95,6 +96,11 @@ class Objective:
         return {k: float(v.detach()) for k, v in losses.items()}
 
     # -- outputs -----------------------------------------------------------------------------------------
+    def fit_to_data(self, batches: list[dict]) -> dict[str, float]:
+        """After the last step, before export: set what is fitted to `fit_batches` training batches rather
+        than learnt by gradient (PBNet's latent scale). Returns the fitted values, which are logged."""
+        return {}
+
     @torch.no_grad()
     def sample_artifact(self, batch: dict) -> tuple[str, bytes]:
         """(file name, PNG bytes) showing what the model does on a batch, for MLflow."""

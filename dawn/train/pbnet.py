@@ -14,6 +14,7 @@ All in PBNet's model units (pose min-max normalised, blink raw); padded frames a
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,60 @@ def kl_weight(step: int, total_steps: int, warmup_fraction: float = 0.25, max_we
     return max_weight * min(1.0, (step - start) / max(1.0, total_steps - 1 - start))
 
 
+LATENT_SCALE_FIT_BATCHES = 4  # training batches `fit_latent_scale` compares samples with
+
+
+def _motion(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How much sequences move: the variance over valid frames of each state, summed over the sequences.
+    x (B, T, D), mask (B, T) bool -> (D,)."""
+    valid = mask[..., None].to(x.dtype)
+    frames = valid.sum(1).clamp(min=1)
+    mean = (x * valid).sum(1) / frames
+    return (((x - mean[:, None]) ** 2 * valid).sum(1) / frames).sum(0)
+
+
+@torch.no_grad()
+def fit_latent_scale(pbnet: PBNet, batches: list[dict], rounds: int = 2, seed: int = 0,
+                     bounds: tuple[float, float] = (0.1, 10.0)) -> float:
+    """The prior scale c (h ~ N(0, c^2 I), PBNetConfig.latent_scale) at which sequences PBNet draws from the
+    prior move as much as the training sequences they start from.
+
+    For each state (yaw, pitch, ... or the eye ratios), the spread of sequences generated from the first
+    frame and audio of the true windows in `batches` ("x" raw states, "audio", "mask") over the spread of
+    those windows (standard deviations over valid frames, pooled over windows; the evaluation's
+    pose_std_ratio), averaged over the states weighted by their share of the true variance in model units (so
+    states that hardly move, like the demo corpus's scale, do not count). Starting from c = 1, c is divided
+    by that ratio `rounds` times (a trained
+    decoder's motion grows about linearly with the latent's scale, so two rounds land close), within
+    `bounds`. The draws are seeded: the same model and batches give the same scale. Leaves
+    config.latent_scale set to the result and the model in its mode.
+    """
+    was_training, dtype = pbnet.training, next(pbnet.parameters()).dtype
+    pbnet.eval()
+    scale = 1.0
+    try:
+        for _ in range(rounds):
+            pbnet.config.latent_scale = scale
+            generator = torch.Generator(batches[0]["x"].device).manual_seed(seed)
+            true_motion = sampled_motion = 0.0
+            for batch in batches:
+                x, audio = batch["x"].to(dtype), batch["audio"].to(dtype)
+                sample = pbnet.generate(x[:, 0], audio, generator=generator)
+                true_motion = true_motion + _motion(pbnet.to_model_units(x).float(), batch["mask"])
+                sampled_motion = sampled_motion + _motion(pbnet.to_model_units(sample).float(), batch["mask"])
+            if not true_motion.sum() > 0:
+                break
+            weight = true_motion / true_motion.sum()
+            ratio = float((weight * (sampled_motion / true_motion.clamp(min=1e-12)).sqrt()).sum())
+            if not ratio > 0:
+                break
+            scale = min(max(scale / ratio, bounds[0]), bounds[1])
+    finally:
+        pbnet.config.latent_scale = scale
+        pbnet.train(was_training)
+    return scale
+
+
 class PBNetObjective(Objective):
     data_columns = ("pose", "eyes", "hubert")
 
@@ -53,6 +108,9 @@ class PBNetObjective(Objective):
         kl_max: float = 0.01  # final λ_KL
         kl_warmup_fraction: float = 0.25  # λ_KL = 0 for this share of the steps
         discriminator_lr: float | None = None  # default: the generator's lr
+        # After training, set PBNetConfig.latent_scale so that sequences drawn from the prior move as much as
+        # the training sequences (`fit_latent_scale`); off = the paper's N(0, I).
+        fit_latent_scale: bool = False
 
     def __init__(self, config: TrainConfig, device: torch.device):
         super().__init__(config, device)
@@ -66,6 +124,7 @@ class PBNetObjective(Objective):
             self.pbnet.load_state_dict(load_model(config.init_from, config.model).state_dict())
         self.discriminator = PatchDiscriminator1d(PatchDiscriminatorConfig.preset(spec.presets[config.preset])).to(self.device)
         self.trainable = {"model": self.pbnet, "discriminator": self.discriminator}
+        self.fit_batches = LATENT_SCALE_FIT_BATCHES if self.options.fit_latent_scale else 0
 
     def batches(self, rows: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
         column = STATE_COLUMN[self.kind]
@@ -157,6 +216,12 @@ class PBNetObjective(Objective):
         fig.savefig(buffer, format="png", dpi=80)
         plt.close(fig)
         return f"{self.kind}_curves.png", buffer.getvalue()
+
+    def fit_to_data(self, batches: list[dict]) -> dict[str, float]:
+        if not self.options.fit_latent_scale:
+            return {}
+        self.pbnet.config.latent_scale = fit_latent_scale(self.pbnet, batches)
+        return {"latent_scale": self.pbnet.config.latent_scale}
 
     def export(self, directory: str | Path, extra: dict) -> list[Path]:
         """PBNet as `pbnet_pose` / `pbnet_blink` (what `dawn render` loads) and its discriminator beside it."""

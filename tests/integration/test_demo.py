@@ -68,6 +68,10 @@ def test_exported_checkpoints_load(demo):
         assert sum(p.numel() for p in model.parameters()) > 0
     assert json.loads((checkpoints / "a2v.json").read_text())["training"]["stage"] == 2
     assert (checkpoints / "hubert" / "config.json").is_file()
+    # PBNet pose's prior scale was fitted to the training windows after its last step (the demo's setting)
+    pose_config = json.loads((checkpoints / "pbnet_pose.json").read_text())["config"]
+    assert pose_config["latent_scale"] != 1.0 and json.loads(
+        (checkpoints / "pbnet_blink.json").read_text())["config"]["latent_scale"] == 1.0
 
 
 def test_videos_from_batch_job_and_serve(demo):

@@ -110,7 +110,7 @@ def test_pbnet_resumes_after_a_worker_dies(ray_local, workspace, monkeypatch, ca
     from dawn.train.loop import run_training
 
     monkeypatch.setenv("DAWN_FAULT_AT_STEP", "5")
-    config = tiny("pbnet_pose", workspace, max_failures=1, objective_options={"window": 40})
+    config = tiny("pbnet_pose", workspace, max_failures=1, objective_options={"window": 40, "fit_latent_scale": True})
     summary = run_training(config)
     assert (config.resolved().run_dir / ".failed_once_at_step_5").is_file()
     output = capfd.readouterr().out
@@ -127,6 +127,9 @@ def test_pbnet_resumes_after_a_worker_dies(ray_local, workspace, monkeypatch, ca
     _, run = mlflow_run(summary)
     assert run.info.status == "FINISHED" and "resumed from step 3" in run.data.tags["dawn.last_event"]
     pbnet = load_model(summary["export_dir"], "pbnet_pose")
+    # after the last step rank 0 fitted the prior's scale to training batches (every worker drew them in step)
+    [(_, latent_scale)] = history(summary, "latent_scale")
+    assert pbnet.config.latent_scale == pytest.approx(latent_scale) and latent_scale != 1.0
     out = pbnet.generate(torch.zeros(1, 6) + 0.5, torch.randn(1, 30, 1024), generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 30, 6) and torch.isfinite(out).all()
 
@@ -141,7 +144,8 @@ def test_time_budget_counts_training_not_start_up(ray_local, workspace):
     from dawn.train.loop import STATE_DIR, run_training
 
     config = tiny("pbnet_blink", workspace, steps=100_000, max_minutes=0.05, checkpoint_every=100_000,
-                  run_name="budget", export_dir=str(workspace["root"] / "budget"), objective_options={"window": 40})
+                  run_name="budget", export_dir=str(workspace["root"] / "budget"),
+                  objective_options={"window": 40, "fit_latent_scale": True})
     started = time.time()
     summary = run_training(config)
     wall = time.time() - started
@@ -152,6 +156,7 @@ def test_time_budget_counts_training_not_start_up(ray_local, workspace):
     _, run = mlflow_run(summary)
     assert "time budget of 0.05 min spent" in run.data.tags["dawn.last_event"]
     assert (Path(summary["export_dir"]) / "pbnet_blink.safetensors").is_file()
+    assert load_model(summary["export_dir"], "pbnet_blink").config.latent_scale != 1.0  # fitted after the stop
 
 
 def test_a2v_stage1_trains_on_frozen_lfg_targets(a2v_stage1, lfg_run):

@@ -171,6 +171,27 @@ def test_pbnet_losses_kl_schedule_and_discriminator_isolation():
     assert all(p.grad is None for p in objective.discriminator.parameters())
 
 
+def test_pbnet_latent_scale_is_fitted_only_when_asked_and_exported(tmp_path):
+    from dawn.checkpoint import load_model
+    from dawn.train.pbnet import LATENT_SCALE_FIT_BATCHES, PBNetObjective
+
+    torch.manual_seed(0)
+    t = torch.linspace(0, 6, 24)[None, :, None]
+    pose = torch.cat([10 * torch.sin(t + torch.arange(3.0)[None, None]), torch.ones(1, 24, 1),
+                      torch.zeros(1, 24, 2)], -1).repeat(2, 1, 1)
+    batch = {"x": pose, "audio": torch.randn(2, 24, 1024), "mask": torch.ones(2, 24, dtype=torch.bool)}
+    plain = PBNetObjective(TrainConfig(model="pbnet_pose", data="unused", preset="tiny"), torch.device("cpu"))
+    assert plain.fit_batches == 0 and plain.fit_to_data([batch]) == {}  # the paper's prior: nothing fitted
+    assert plain.pbnet.config.latent_scale == 1.0
+    config = TrainConfig(model="pbnet_pose", data="unused", preset="tiny", objective_options={"fit_latent_scale": True})
+    objective = PBNetObjective(config, torch.device("cpu"))
+    assert objective.fit_batches == LATENT_SCALE_FIT_BATCHES
+    fitted = objective.fit_to_data([batch])
+    assert set(fitted) == {"latent_scale"} and fitted["latent_scale"] != 1.0
+    objective.export(tmp_path, {})
+    assert load_model(tmp_path, "pbnet_pose").config.latent_scale == fitted["latent_scale"]  # in the JSON config
+
+
 @pytest.fixture
 def tiny_lfg_dir(tmp_path):
     from dawn.models.lfg import LFG, LFGConfig

@@ -192,6 +192,48 @@ def test_prior_latents_independent_by_default_and_correlated_with_smoothing():
     given = model.generate(source, audio, z=prior_latents(1, 30, model.config.audio_latent_dim, 2.0,
                                                         torch.Generator().manual_seed(5)))
     assert torch.equal(first, again) and torch.allclose(first, given)
+    # latent_scale multiplies the prior's draws (1, the paper's prior, is the default)
+    assert PBNetConfig().latent_scale == 1.0
+    model.config.latent_scale = 2.5
+    scaled = model.generate(source, audio, generator=torch.Generator().manual_seed(5))
+    z = 2.5 * prior_latents(1, 30, model.config.audio_latent_dim, 2.0, torch.Generator().manual_seed(5))
+    assert torch.allclose(scaled, model.generate(source, audio, z=z), atol=1e-6)
+
+
+def sine_windows(amplitude: float, frames: int = 48) -> list[dict]:
+    """One batch of 4 pose windows: yaw, pitch and roll move by sines of `amplitude` x (10, 5, 3) degrees,
+    scale, tx and ty stay still."""
+    seconds = torch.arange(frames) / 25.0
+    x = torch.zeros(4, frames, 6)
+    x[..., 3] = 1.0
+    for b in range(4):
+        x[b, :, 0] = amplitude * 10 * torch.sin(2 * math.pi * 0.3 * seconds + b)
+        x[b, :, 1] = amplitude * 5 * torch.cos(2 * math.pi * 0.5 * seconds + b)
+        x[b, :, 2] = amplitude * 3 * torch.sin(2 * math.pi * 0.2 * seconds + 2 * b)
+    audio = torch.randn(4, frames, 1024, generator=torch.Generator().manual_seed(1))
+    return [{"x": x, "audio": audio, "mask": torch.ones(4, frames, dtype=torch.bool)}]
+
+
+def test_fit_latent_scale_makes_samples_move_as_much_as_the_training_windows():
+    from dawn.train.pbnet import fit_latent_scale
+
+    torch.manual_seed(0)
+    model = PBNet(PBNetConfig.preset("tiny-pose")).train()
+    batches = sine_windows(1.0)
+    scale = fit_latent_scale(model, batches, rounds=4)
+    assert model.training and model.config.latent_scale == scale  # left in its mode, with the scale set
+    assert fit_latent_scale(model, batches, rounds=4) == scale  # seeded draws: the same answer
+    # at that scale the samples' spread over the truth's, per state and weighted by the true variance (the
+    # still scale / tx / ty count for nothing), is 1
+    model.eval()
+    x, audio = batches[0]["x"], batches[0]["audio"]
+    sample = model.generate(x[:, 0], audio, generator=torch.Generator().manual_seed(0))
+    true_var, sample_var = (model.to_model_units(s).var(dim=1, unbiased=False).sum(0) for s in (x, sample))
+    weight = true_var / true_var.sum()
+    assert float((weight[:3] * (sample_var[:3] / true_var[:3]).sqrt()).sum()) == pytest.approx(1.0, abs=0.03)
+    assert weight[3:].sum() == 0
+    # training windows that move twice as far need a latent about twice as large
+    assert fit_latent_scale(model, sine_windows(2.0), rounds=4) > 1.8 * scale
 
 
 def test_discriminator_output_shape_and_gradients():
