@@ -85,7 +85,8 @@ PBNET_POSE_DEMO_OVERRIDES = {"latent_smoothing": 8.0}
 # fit_latent_scale, PBNetConfig.latent_scale): trained for minutes, its posterior has not met N(0, I) and its
 # samples move less the longer it trains (spread 0.35 -> 0.12 from 100 to 600 steps); the decoder's motion grows
 # about linearly with the latent's scale, so a fitted scale of 2-5 gives samples that move like the training
-# sequences (bench/pbnet_spread.py: held-out spread 0.81-0.88 at 150-600 steps, jitter 0.2-0.5x the truth's).
+# sequences (bench/pbnet_spread.py with latent_smoothing 8: held-out spread 0.95-1.07 at 150-600 steps against
+# 0.20-0.50 at scale 1, jitter 0.21-0.56x the truth's).
 PBNET_POSE_DEMO_OPTIONS = {"fit_latent_scale": True}
 # Training runs: share of the time budget (minutes of training, start-up not counted), optimizer steps per
 # minute of that share with 2 CPU workers on the tiny preset (a cap above the ~130 steps/min PBNet and ~100
@@ -93,8 +94,9 @@ PBNET_POSE_DEMO_OPTIONS = {"fit_latent_scale": True}
 # from the defaults: constant learning rates for these short runs. A2V-FDM, the slowest to learn, gets the
 # largest share, the LFG the next largest. PBNet blink gets ~150-200 steps (its reconstruction loss falls from
 # 0.04 to below 0.004 in ~150 steps; with the ~60 it got when start-up counted, it hardly moved and the KL term
-# never started); PBNet pose ~450, where its reconstruction loss has fallen from 0.014 to below 0.001 (more steps
-# make its samples move less, not more: bench/RESULTS.md, pbnet_spread).
+# never started); PBNet pose ~450, where its reconstruction loss has fallen from 0.014 to below 0.001 (at the
+# prior's scale of 1 more steps make its samples move less, which the fitted scale makes up for: bench/RESULTS.md,
+# pbnet_spread).
 TRAINING = {
     "train-lfg": dict(model="lfg", share=0.25, steps_per_minute=160,
                       config=dict(batch_size=8, lr=3e-4, lr_schedule="constant", warmup_steps=20,
