@@ -66,10 +66,9 @@ def fit_latent_scale(pbnet: PBNet, batches: list[dict], rounds: int = 2, seed: i
     those windows (standard deviations over valid frames, pooled over windows; the evaluation's
     pose_std_ratio), averaged over the states weighted by their share of the true variance in model units (so
     states that hardly move, like the demo corpus's scale, do not count). Starting from c = 1, c is divided
-    by that ratio `rounds` times (a trained
-    decoder's motion grows about linearly with the latent's scale, so two rounds land close), within
-    `bounds`. The draws are seeded: the same model and batches give the same scale. Leaves
-    config.latent_scale set to the result and the model in its mode.
+    by that ratio `rounds` times (a trained decoder's motion grows about linearly with the latent's scale, so
+    two rounds land close), within `bounds`. The draws are seeded: the same model and batches give the same
+    scale. Leaves config.latent_scale set to the result and the model in its mode.
     """
     was_training, dtype = pbnet.training, next(pbnet.parameters()).dtype
     pbnet.eval()
